@@ -1,0 +1,195 @@
+//! `redirector`: run, inspect and remove the cgroup eBPF redirector.
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use redirector::{
+    DEFAULT_HOST_INGRESS, DEFAULT_PIN_DIR, DEFAULT_PORTS, cgroup,
+    loader::InstallOptions,
+    maps::PinnedMaps,
+    run::{RunConfig, run},
+    status, uninstall,
+};
+use redirector_common::capacity;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "eBPF redirector: steers connections to edge node ports into the tunnel ingress")]
+struct Cli {
+    /// bpffs directory holding the pinned programs, links and maps.
+    #[arg(long, global = true, env = "REDIRECTOR_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, env = "REDIRECTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach (or adopt the pinned programs), fill the maps, follow the node table.
+    Run(RunArgs),
+    /// Show the attach point, programs, node count, ports and counters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the redirected ports of a running installation, without a restart.
+    Ports {
+        #[command(subcommand)]
+        action: PortsAction,
+    },
+    /// Detach every program and remove every link and pin.
+    Uninstall,
+}
+
+#[derive(Subcommand)]
+enum PortsAction {
+    /// Start redirecting these ports (new connections only).
+    Add { ports: Vec<u16> },
+    /// Stop redirecting these ports.
+    Remove { ports: Vec<u16> },
+    /// List the redirected ports.
+    List,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// cgroup v2 directory to attach to [default: the cgroup v2 mount's root, the whole host].
+    #[arg(long, env = "REDIRECTOR_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// Static node table: `<node-id> <ip> [<ip>...]` per line.
+    #[arg(long, env = "REDIRECTOR_NODE_TABLE")]
+    node_table: PathBuf,
+    /// Redirected destination ports, comma separated.
+    #[arg(long, env = "REDIRECTOR_PORTS", value_delimiter = ',', default_value = DEFAULT_PORTS)]
+    ports: Vec<u16>,
+    /// Ingress for IPv4 clients in this host's network namespace (loopback).
+    #[arg(long, env = "REDIRECTOR_HOST_INGRESS", default_value = DEFAULT_HOST_INGRESS)]
+    host_ingress: SocketAddr,
+    /// Ingress for IPv4 clients in other network namespaces (pods): an address their namespace can reach.
+    #[arg(long, env = "REDIRECTOR_POD_INGRESS")]
+    pod_ingress: Option<SocketAddr>,
+    /// Ingress for IPv6 destinations from this host's namespace (e.g. [::1]:10266).
+    #[arg(long, env = "REDIRECTOR_HOST_INGRESS6")]
+    host_ingress6: Option<SocketAddr>,
+    /// Ingress for IPv6 destinations from pods.
+    #[arg(long, env = "REDIRECTOR_POD_INGRESS6")]
+    pod_ingress6: Option<SocketAddr>,
+    /// Capacity of each node address map (IPv4 and IPv6); fixed while pinned.
+    #[arg(long, env = "REDIRECTOR_MAX_NODE_ADDRESSES", default_value_t = capacity::NODES)]
+    max_node_addresses: u32,
+    /// Seconds between checks of the node table file for changes (SIGHUP checks at once).
+    #[arg(long, env = "REDIRECTOR_RELOAD_INTERVAL", default_value_t = 2.0)]
+    reload_interval: f64,
+    /// File created once the redirector is attached and its maps are filled.
+    #[arg(long, env = "REDIRECTOR_READY_FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> redirector::Result<()> {
+    match cli.command {
+        Command::Run(args) => run_cmd(cli.pin_dir, args),
+        Command::Status { json } => {
+            let s = status::status(&cli.pin_dir)?;
+            let text = if json {
+                serde_json::to_string_pretty(&s).expect("status serializes") + "\n"
+            } else {
+                s.to_string()
+            };
+            // A closed pipe (`status | head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            Ok(())
+        }
+        Command::Ports { action } => {
+            let mut maps = PinnedMaps::open(&cli.pin_dir)?;
+            match action {
+                PortsAction::Add { ports } => ports.iter().try_for_each(|p| maps.add_port(*p))?,
+                PortsAction::Remove { ports } => {
+                    for p in ports {
+                        if !maps.remove_port(p)? {
+                            eprintln!("port {p} was not redirected");
+                        }
+                    }
+                }
+                PortsAction::List => {}
+            }
+            let ports: Vec<String> = maps.ports()?.iter().map(u16::to_string).collect();
+            println!("{}", ports.join(","));
+            Ok(())
+        }
+        Command::Uninstall => {
+            let r = uninstall::uninstall(&cli.pin_dir)?;
+            println!("detached {} links, removed {} pins from {}", r.links_detached, r.pins_removed, cli.pin_dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
+    if !(args.reload_interval > 0.0 && args.reload_interval.is_finite()) {
+        return Err(redirector::Error::Config("--reload-interval must be a positive number of seconds".into()));
+    }
+    let cfg = RunConfig {
+        install: InstallOptions {
+            cgroup: cgroup::attach_point(args.cgroup.as_deref())?,
+            pin_dir,
+            max_node_addresses: args.max_node_addresses,
+        },
+        node_table: args.node_table,
+        ports: args.ports.into_iter().collect::<BTreeSet<_>>(),
+        host_ingress4: Some(args.host_ingress),
+        pod_ingress4: args.pod_ingress,
+        host_ingress6: args.host_ingress6,
+        pod_ingress6: args.pod_ingress6,
+        reload_interval: Duration::from_secs_f64(args.reload_interval),
+        ready_file: args.ready_file,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| redirector::Error::io("starting the async runtime", e))?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            token.cancel();
+        });
+        run(cfg, shutdown).await
+    })
+}

@@ -1,0 +1,210 @@
+//! The static node table: which addresses belong to which edge node.
+//!
+//! File format, one node per line, `#` starts a comment:
+//!
+//! ```text
+//! # node-id        addresses (InternalIP, ExternalIP, tunnel address, ...)
+//! edge-a           198.51.100.10  203.0.113.10
+//! edge-b           198.51.100.10  203.0.113.11      # same InternalIP as edge-a
+//! edge-v6          2001:db8::10
+//! ```
+//!
+//! Node IDs are Kubernetes node names (DNS subdomains). An address listed by two nodes is
+//! *ambiguous*: it is still redirected, and the tunnel refuses it naming both nodes, so it is
+//! never routed to the wrong one.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use redirector_common::{Ip6Words, NodeValue, node_flags};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeTable {
+    /// node ID -> its addresses (IPv4-mapped IPv6 normalised to IPv4), in file order.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// What the kernel maps should hold for a node table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelEntries {
+    /// IPv4 address in network byte order (as `user_ip4` holds it).
+    pub v4: BTreeMap<u32, NodeValue>,
+    pub v6: BTreeMap<Ip6Words, NodeValue>,
+}
+
+impl NodeTable {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::NodeTableRead { file: path.to_owned(), source: e })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses the text of a node table; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let mut nodes: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        let err = |line: usize, reason: String| Error::NodeTable { file: file.to_owned(), line, reason };
+        for (idx, raw) in text.lines().enumerate() {
+            let line_no = idx + 1;
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let id = fields.next().unwrap_or_default();
+            validate_node_id(id).map_err(|r| err(line_no, r))?;
+            if nodes.contains_key(id) {
+                return Err(err(line_no, format!("node {id:?} is listed twice; list each node once with all its addresses")));
+            }
+            let mut addrs = Vec::new();
+            for f in fields {
+                let ip = parse_address(f).map_err(|r| err(line_no, format!("node {id:?}: {r}")))?;
+                if !addrs.contains(&ip) {
+                    addrs.push(ip);
+                }
+            }
+            if addrs.is_empty() {
+                return Err(err(line_no, format!("node {id:?} has no address; expected `<node-id> <ip> [<ip>...]`")));
+            }
+            nodes.insert(id.to_owned(), addrs);
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Every address with the nodes that list it (more than one = ambiguous).
+    pub fn owners(&self) -> BTreeMap<IpAddr, BTreeSet<&str>> {
+        let mut owners: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
+        for (id, addrs) in &self.nodes {
+            for a in addrs {
+                owners.entry(*a).or_default().insert(id);
+            }
+        }
+        owners
+    }
+
+    /// The node-map contents for this table.
+    pub fn kernel_entries(&self) -> KernelEntries {
+        let mut out = KernelEntries::default();
+        for (ip, owners) in self.owners() {
+            let flags = if owners.len() > 1 { node_flags::AMBIGUOUS } else { 0 };
+            let value = NodeValue { flags };
+            match ip {
+                IpAddr::V4(v4) => {
+                    out.v4.insert(u32::from_ne_bytes(v4.octets()), value);
+                }
+                IpAddr::V6(v6) => {
+                    out.v6.insert(ip6_words(&v6.octets()), value);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// 16 address bytes as the kernel's four network-order words.
+pub fn ip6_words(b: &[u8; 16]) -> Ip6Words {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The inverse of [`ip6_words`].
+pub fn words_to_bytes(w: &Ip6Words) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    b
+}
+
+fn parse_address(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address"))?;
+    let ip = ip.to_canonical();
+    let reason = if ip.is_unspecified() {
+        Some("is the unspecified address")
+    } else if ip.is_loopback() {
+        Some("is a loopback address; redirecting it would capture this host's own traffic")
+    } else if ip.is_multicast() {
+        Some("is a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("is the broadcast address")
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => Err(format!("{ip} {r}; list the node's InternalIP, ExternalIP or tunnel address")),
+        None => Ok(ip),
+    }
+}
+
+/// Kubernetes node names are DNS subdomains (RFC 1123): lowercase alphanumerics, '-' and '.',
+/// starting and ending alphanumeric, at most 253 characters.
+fn validate_node_id(id: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if id.is_empty() || id.len() > 253 || !id.chars().all(ok_char) || !ends_ok(id.chars().next()) || !ends_ok(id.chars().last()) {
+        return Err(format!(
+            "{id:?} is not a valid node name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn parse(text: &str) -> Result<NodeTable> {
+        NodeTable::parse(text, Path::new("nodes.txt"))
+    }
+
+    #[test]
+    fn parses_nodes_comments_and_ambiguity() {
+        let t = parse(
+            "# header\n\nedge-a 198.51.100.10 203.0.113.10\nedge-b 198.51.100.10 # dup\nedge-c ::ffff:198.51.100.12 2001:db8::12\n",
+        )
+        .unwrap();
+        assert_eq!(t.nodes.len(), 3);
+        // IPv4-mapped is normalised to IPv4.
+        assert_eq!(t.nodes["edge-c"][0], IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)));
+        let k = t.kernel_entries();
+        let dup = u32::from_ne_bytes([198, 51, 100, 10]);
+        assert_eq!(k.v4[&dup].flags, node_flags::AMBIGUOUS);
+        assert_eq!(k.v4[&u32::from_ne_bytes([203, 0, 113, 10])].flags, 0);
+        assert_eq!(k.v4.len(), 3);
+        assert_eq!(k.v6.len(), 1);
+        let owners = t.owners();
+        let dup_owners: Vec<_> = owners[&IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10))].iter().copied().collect();
+        assert_eq!(dup_owners, ["edge-a", "edge-b"]);
+    }
+
+    #[test]
+    fn bad_lines_name_file_line_and_reason() {
+        let cases = [
+            ("edge-a\n", 1, "has no address"),
+            ("ok 198.51.100.1\nedge-b 300.1.2.3\n", 2, "not an IPv4 or IPv6 address"),
+            ("Edge_A 198.51.100.1\n", 1, "not a valid node name"),
+            ("a 198.51.100.1\na 198.51.100.2\n", 2, "listed twice"),
+            ("a 127.0.0.1\n", 1, "loopback"),
+            ("a 0.0.0.0\n", 1, "unspecified"),
+            ("a 224.0.0.1\n", 1, "multicast"),
+        ];
+        for (text, line, reason) in cases {
+            let e = parse(text).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with(&format!("nodes.txt:{line}: ")), "{text:?}: {msg}");
+            assert!(msg.contains(reason), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn word_conversion_round_trips() {
+        let b: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
+        assert_eq!(words_to_bytes(&ip6_words(&b)), b);
+    }
+}

@@ -1,0 +1,95 @@
+//! The ingress's side of original-destination recovery: given an accepted connection, which
+//! node address and port did its client dial?
+//!
+//! The sock_ops program published the answer under the connection's 4-tuple before the
+//! client's handshake completed, so it is there by the time `accept()` returns. Each entry is
+//! taken (read and deleted) exactly once.
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::Path,
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use redirector_common::{OrigDst, SockTuple, map_names, orig_flags};
+
+use crate::{
+    error::{Error, Result},
+    maps::open_map,
+    node_table::{ip6_words, words_to_bytes},
+};
+
+/// The destination a redirected client dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// Node address and port (IPv4 for IPv4 and IPv4-mapped destinations).
+    pub addr: SocketAddr,
+    /// The client was in another network namespace (a pod) and came through the pod ingress.
+    pub from_pod: bool,
+    /// The address belongs to more than one node: the ingress must refuse, naming them.
+    pub ambiguous: bool,
+}
+
+/// Handle on the pinned `ORIG_BY_TUPLE` map. Cheap to keep; one per ingress.
+pub struct OrigDstTable {
+    map: HashMap<MapData, SockTuple, OrigDst>,
+}
+
+fn words(ip: IpAddr) -> [u32; 4] {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => redirector_common::v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => ip6_words(&v6.octets()),
+    }
+}
+
+impl OrigDstTable {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let data = open_map(pin_dir, map_names::ORIG_BY_TUPLE)?;
+        let map = HashMap::try_from(Map::LruHashMap(data))
+            .map_err(|e| Error::ebpf("ORIG_BY_TUPLE has an unexpected layout", e))?;
+        Ok(Self { map })
+    }
+
+    /// Takes the original destination of an accepted stream (`None`: not redirected, or its
+    /// entry was evicted; the ingress must refuse it).
+    pub fn take_for_stream(&mut self, stream: &impl AsFd) -> Result<Option<OriginalDst>> {
+        let sock = socket2::SockRef::from(stream);
+        let peer = sock.peer_addr().map_err(|e| Error::io("getpeername on accepted stream", e))?;
+        let local = sock.local_addr().map_err(|e| Error::io("getsockname on accepted stream", e))?;
+        match (peer.as_socket(), local.as_socket()) {
+            (Some(peer), Some(local)) => self.take(peer, local),
+            _ => Ok(None),
+        }
+    }
+
+    /// Takes the original destination of the connection `peer` -> `local` as the ingress sees it.
+    pub fn take(&mut self, peer: SocketAddr, local: SocketAddr) -> Result<Option<OriginalDst>> {
+        let key = SockTuple {
+            client_ip: words(peer.ip()),
+            ingress_ip: words(local.ip()),
+            client_port: peer.port(),
+            ingress_port: local.port(),
+        };
+        let orig = match self.map.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(Error::ebpf("reading ORIG_BY_TUPLE", e)),
+        };
+        // Delete what we consumed; a concurrent eviction is fine.
+        match self.map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => tracing::warn!("could not delete a consumed ORIG_BY_TUPLE entry: {e}"),
+        }
+        let ip = IpAddr::from(words_to_bytes(&orig.ip)).to_canonical();
+        Ok(Some(OriginalDst {
+            addr: SocketAddr::new(ip, orig.port),
+            from_pod: orig.flags & orig_flags::FROM_POD != 0,
+            ambiguous: orig.flags & orig_flags::AMBIGUOUS != 0,
+        }))
+    }
+
+    /// Entries waiting to be taken (for status; walks the map).
+    pub fn pending(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+}

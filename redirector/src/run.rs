@@ -1,0 +1,150 @@
+//! `redirector run`: install (or adopt), configure, keep the node maps in step with the node
+//! table, and leave everything pinned on exit so redirection never stops with the process.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use redirector_common::{Config, Ingress};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    loader::{self, InstallOptions},
+    maps::PinnedMaps,
+    node_table::{NodeTable, ip6_words},
+    sys,
+};
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub install: InstallOptions,
+    pub node_table: PathBuf,
+    pub ports: BTreeSet<u16>,
+    pub host_ingress4: Option<SocketAddr>,
+    pub pod_ingress4: Option<SocketAddr>,
+    pub host_ingress6: Option<SocketAddr>,
+    pub pod_ingress6: Option<SocketAddr>,
+    /// How often the node table file is checked for changes (SIGHUP checks at once).
+    pub reload_interval: Duration,
+    /// Created once the programs are attached and the maps filled.
+    pub ready_file: Option<PathBuf>,
+}
+
+impl RunConfig {
+    /// Checks what can be checked before touching the kernel.
+    pub fn validate(&self) -> Result<()> {
+        let family = |a: &Option<SocketAddr>, v6: bool, flag: &str| match a {
+            Some(a) if a.is_ipv6() != v6 || a.port() == 0 || a.ip().is_unspecified() => Err(Error::Config(format!(
+                "{flag} {a}: expected a specific {} address with a non-zero port",
+                if v6 { "IPv6" } else { "IPv4" }
+            ))),
+            _ => Ok(()),
+        };
+        family(&self.host_ingress4, false, "--host-ingress")?;
+        family(&self.pod_ingress4, false, "--pod-ingress")?;
+        family(&self.host_ingress6, true, "--host-ingress6")?;
+        family(&self.pod_ingress6, true, "--pod-ingress6")?;
+        if self.host_ingress4.is_none() && self.pod_ingress4.is_none() {
+            return Err(Error::Config("neither --host-ingress nor --pod-ingress is set: nothing to redirect to".into()));
+        }
+        if self.ports.is_empty() || self.ports.contains(&0) {
+            return Err(Error::Config("--ports must list at least one port, none of them 0".into()));
+        }
+        if self.install.max_node_addresses == 0 {
+            return Err(Error::Config("--max-node-addresses must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn ingress(a: Option<SocketAddr>) -> Ingress {
+    match a {
+        None => Ingress::default(),
+        Some(SocketAddr::V4(v4)) => Ingress {
+            ip: redirector_common::v4_mapped(u32::from_ne_bytes(v4.ip().octets())),
+            port: v4.port(),
+            _pad: 0,
+        },
+        Some(SocketAddr::V6(v6)) => Ingress { ip: ip6_words(&v6.ip().octets()), port: v6.port(), _pad: 0 },
+    }
+}
+
+fn kernel_config(cfg: &RunConfig) -> Result<Config> {
+    let host_netns_cookie = sys::current_netns_cookie().map_err(|e| {
+        Error::io("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14+)", e)
+    })?;
+    Ok(Config {
+        host_netns_cookie,
+        host4: ingress(cfg.host_ingress4),
+        pod4: ingress(cfg.pod_ingress4),
+        host6: ingress(cfg.host_ingress6),
+        pod6: ingress(cfg.pod_ingress6),
+    })
+}
+
+/// Loads the node table and writes the differences into the maps.
+fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig) -> Result<()> {
+    let table = NodeTable::load(&cfg.node_table)?;
+    for (ip, owners) in table.owners().iter().filter(|(_, o)| o.len() > 1) {
+        let owners: Vec<_> = owners.iter().copied().collect();
+        tracing::warn!(%ip, nodes = ?owners, "address shared by several nodes: connections to it will be refused by the tunnel; reach these nodes by their unique addresses");
+    }
+    let stats = maps.sync_nodes(&table.kernel_entries(), cfg.install.max_node_addresses)?;
+    tracing::info!(nodes = table.nodes.len(), added = stats.added, updated = stats.updated, removed = stats.removed, file = %cfg.node_table.display(), "node table applied");
+    Ok(())
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Installs and serves until `shutdown` is cancelled. Pins stay in place on return.
+pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
+    cfg.validate()?;
+    // Parse the node table before touching the kernel: a bad file fails fast, nothing changes.
+    NodeTable::load(&cfg.node_table)?;
+    let mut installed = loader::install(&cfg.install)?;
+    tracing::info!(
+        cgroup = %cfg.install.cgroup.display(),
+        pin_dir = %cfg.install.pin_dir.display(),
+        attached = ?installed.attached,
+        adopted = ?installed.adopted,
+        "programs in place"
+    );
+    let mut maps = PinnedMaps::open(&cfg.install.pin_dir)?;
+    maps.set_config(&kernel_config(&cfg)?)?;
+    maps.set_ports(&cfg.ports)?;
+    apply_node_table(&mut maps, &cfg)?;
+    if let Some(ready) = &cfg.ready_file {
+        std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
+    }
+    tracing::info!(ports = ?cfg.ports, "redirector ready");
+
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Error::io("installing the SIGHUP handler", e))?;
+    let mut tick = tokio::time::interval(cfg.reload_interval);
+    let mut last_mtime = modified(&cfg.node_table);
+    loop {
+        let forced = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => false,
+            _ = hup.recv() => true,
+        };
+        if let Some(l) = installed.logger.as_mut() {
+            l.flush();
+        }
+        let mtime = modified(&cfg.node_table);
+        if forced || mtime != last_mtime {
+            last_mtime = mtime;
+            // A bad edit keeps the last good table in the kernel: every node stays reachable.
+            if let Err(e) = apply_node_table(&mut maps, &cfg) {
+                tracing::error!("node table not applied, keeping the previous one: {e}");
+            }
+        }
+    }
+    tracing::info!("shutting down; programs and maps stay pinned and keep redirecting");
+    Ok(())
+}
