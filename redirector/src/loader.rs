@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// The compiled eBPF object, built by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
 #[derive(Debug, Clone)]
 pub struct InstallOptions {

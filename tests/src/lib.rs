@@ -1,0 +1,234 @@
+//! End-to-end test harness: a small world of network namespaces, a child cgroup, the real
+//! redirector binary and real sockets. Everything is undone on drop, also when a test panics.
+//!
+//! ```text
+//!   pod netns (p)                 master netns (m)                    edge netns (e)
+//!   203.0.113.2  ── veth ──  203.0.113.1   198.51.100.1  ── veth ──  198.51.100.10 .11 .12 .99
+//!   (a "pod" client)         redirector, ingress stand-ins           services on 80, 9100,
+//!                            on 127.0.0.1 and 203.0.113.1            10250, 10255, 10350
+//! ```
+//!
+//! The edge namespace answers every port the tests use, so a connection that escapes
+//! redirection is *seen* (it lands on an edge service, labelled `edge ...`), never lost.
+pub mod cgroup;
+pub mod netns;
+pub mod servers;
+pub mod spawn;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub use cgroup::TestCgroup;
+pub use netns::Netns;
+
+/// Node table of the world: three edge nodes, one address each.
+pub const NODE_TABLE: &str = "\
+# node-id  addresses
+edge-a  198.51.100.10
+edge-b  198.51.100.11
+edge-c  198.51.100.12
+";
+/// An address on the edge host that is not a node.
+pub const NOT_A_NODE: &str = "198.51.100.99";
+/// Ports served in the edge namespace.
+pub const EDGE_PORTS: [u16; 5] = [80, 9100, 10250, 10255, 10350];
+pub const POD_INGRESS_IP: &str = "203.0.113.1";
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load eBPF programs and build network namespaces: run them as root (`sudo cargo xtask test`)");
+}
+
+/// Short unique names: interface names are limited to 15 bytes.
+fn unique_id() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub struct World {
+    pub id: String,
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub node_table: PathBuf,
+    pub host_ingress: SocketAddr,
+    pub pod_ingress: SocketAddr,
+    pub ingress_log: servers::Log,
+    pub pod_ingress_log: servers::Log,
+    /// Per edge port, what the edge services accepted (escapes).
+    pub edge_log: servers::Log,
+    // Drop order: cgroup (kills clients) before the namespaces.
+    pub cgroup: TestCgroup,
+    pub master: Netns,
+    pub edge: Netns,
+    pub pod: Netns,
+}
+
+impl World {
+    pub fn new() -> Self {
+        require_root();
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("redirector-test-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("test dir");
+        let master = Netns::new(&format!("rt{id}m"));
+        let edge = Netns::new(&format!("rt{id}e"));
+        let pod = Netns::new(&format!("rt{id}p"));
+        netns::veth(&master, "me", &["198.51.100.1/24"], &edge, "em", &["198.51.100.10/24", "198.51.100.11/24", "198.51.100.12/24", "198.51.100.99/24"]);
+        netns::veth(&master, "mp", &["203.0.113.1/24"], &pod, "pm", &["203.0.113.2/24"]);
+        let cgroup = TestCgroup::new(&format!("redirector-test-{id}"));
+        let node_table = dir.join("nodes.txt");
+        fs::write(&node_table, NODE_TABLE).expect("node table");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/redirector-test-{id}"));
+
+        let edge_log = servers::Log::default();
+        {
+            let _in_edge = edge.enter();
+            for port in EDGE_PORTS {
+                servers::edge(servers::listen(SocketAddr::from(([0, 0, 0, 0], port))), edge_log.clone());
+            }
+        }
+        let (ingress_log, pod_ingress_log) = (servers::Log::default(), servers::Log::default());
+        let (host_ingress, pod_ingress) = {
+            let _in_master = master.enter();
+            let host = servers::listen("127.0.0.1:0".parse().unwrap());
+            let pod = servers::listen(format!("{POD_INGRESS_IP}:0").parse().unwrap());
+            let addrs = (host.local_addr().unwrap(), pod.local_addr().unwrap());
+            servers::ingress(host, &pin_dir, ingress_log.clone());
+            servers::ingress(pod, &pin_dir, pod_ingress_log.clone());
+            addrs
+        };
+        Self {
+            id,
+            dir,
+            pin_dir,
+            node_table,
+            host_ingress,
+            pod_ingress,
+            ingress_log,
+            pod_ingress_log,
+            edge_log,
+            cgroup,
+            master,
+            edge,
+            pod,
+        }
+    }
+
+    /// Starts `redirector run` in the master namespace and waits until it is ready.
+    pub fn start_redirector(&self, extra: &[&str]) -> RedirectorProc {
+        RedirectorProc::start(self, extra)
+    }
+
+    /// Runs `probe` with `args` in the test cgroup (and optionally another namespace than
+    /// master) and returns its stdout parsed as JSON.
+    pub fn probe(&self, in_cgroup: bool, netns: Option<&Netns>, args: &[&str]) -> serde_json::Value {
+        let mut cmd = Command::new(env_bin("probe"));
+        cmd.args(args);
+        spawn::place(&mut cmd, in_cgroup.then_some(&self.cgroup), Some(netns.unwrap_or(&self.master)));
+        let out = cmd.output().expect("spawn probe");
+        assert!(out.status.success(), "probe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("probe output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs the redirector CLI (not `run`) against this world's pins.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(spawn::workspace_bin("redirector"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .expect("spawn redirector")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            if let Err(e) = redirector::uninstall::uninstall(&self.pin_dir) {
+                eprintln!("cleanup: uninstall {}: {e}", self.pin_dir.display());
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A binary of this package (probe, bench-redirect).
+pub fn env_bin(name: &str) -> PathBuf {
+    spawn::workspace_bin(name)
+}
+
+/// A running `redirector run`, killed on drop (its pins stay: [`World`] removes them).
+pub struct RedirectorProc {
+    pub child: Child,
+    pub ready_file: PathBuf,
+    pub log_file: PathBuf,
+}
+
+impl RedirectorProc {
+    fn start(world: &World, extra: &[&str]) -> Self {
+        let ready_file = world.dir.join(format!("ready-{}", unique_id()));
+        let log_file = world.dir.join(format!("redirector-{}.log", unique_id()));
+        let log = fs::File::create(&log_file).expect("log file");
+        let mut cmd = Command::new(spawn::workspace_bin("redirector"));
+        cmd.arg("--pin-dir").arg(&world.pin_dir)
+            .arg("run")
+            .arg("--cgroup").arg(&world.cgroup.path)
+            .arg("--node-table").arg(&world.node_table)
+            .arg("--host-ingress").arg(world.host_ingress.to_string())
+            .arg("--pod-ingress").arg(world.pod_ingress.to_string())
+            .arg("--ready-file").arg(&ready_file)
+            .arg("--reload-interval").arg("0.2")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        spawn::place(&mut cmd, None, Some(&world.master));
+        let mut child = cmd.spawn().expect("spawn redirector");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready_file.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redirector exited ({status}) before ready:\n{}", fs::read_to_string(&log_file).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "redirector not ready in 30 s:\n{}", fs::read_to_string(&log_file).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, ready_file, log_file }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedirectorProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Labels the probe saw, per token, from `probe connect` output.
+pub fn replies(v: &serde_json::Value) -> Vec<(String, String, Option<String>)> {
+    v.as_array()
+        .expect("probe connect prints an array")
+        .iter()
+        .map(|c| {
+            (
+                c["target"].as_str().unwrap_or_default().to_owned(),
+                c["reply"].as_str().unwrap_or("").to_owned(),
+                c["peer"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}

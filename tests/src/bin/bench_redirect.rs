@@ -1,0 +1,1 @@
+fn main() { todo!("benchmark being written") }

@@ -1,0 +1,115 @@
+//! Test client started inside the test cgroup (and a chosen network namespace) by the harness.
+//!
+//! `probe connect T...`: opens one connection per target, all at once (a barrier holds every
+//! connection open until all are connected), then each sends its token line and reads the
+//! server's one-line label. Prints a JSON array, one object per target.
+//!
+//! `probe loop T --duration-ms D --max N`: connects, exchanges and closes one connection after
+//! another until D ms or N connections; prints a JSON summary with a count per label.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Connect { targets: Vec<SocketAddr> },
+    Loop {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 3000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 100_000)]
+        max: u64,
+    },
+}
+
+/// Connects and returns the stream with its getpeername/getsockname.
+fn open(target: SocketAddr) -> std::io::Result<(TcpStream, SocketAddr, SocketAddr)> {
+    let s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (peer, local) = (s.peer_addr()?, s.local_addr()?);
+    Ok((s, peer, local))
+}
+
+fn exchange(s: &TcpStream, token: &str) -> std::io::Result<String> {
+    (&*s).write_all(format!("{token}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without a reply"));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+fn connect_all(targets: Vec<SocketAddr>) -> serde_json::Value {
+    let barrier = Arc::new(Barrier::new(targets.len()));
+    let handles: Vec<_> = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let barrier = barrier.clone();
+            thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let opened = open(target);
+                    barrier.wait();
+                    let token = format!("t{i}");
+                    match opened {
+                        Ok((s, peer, local)) => match exchange(&s, &token) {
+                            Ok(reply) => json!({"target": target.to_string(), "token": token, "ok": true, "reply": reply, "peer": peer.to_string(), "local": local.to_string()}),
+                            Err(e) => json!({"target": target.to_string(), "token": token, "ok": false, "error": e.to_string(), "peer": peer.to_string()}),
+                        },
+                        Err(e) => json!({"target": target.to_string(), "token": token, "ok": false, "error": e.to_string()}),
+                    }
+                })
+                .expect("spawn client thread")
+        })
+        .collect();
+    serde_json::Value::Array(handles.into_iter().map(|h| h.join().expect("client thread")).collect())
+}
+
+fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Value {
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut labels: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed() < duration && i < max {
+        let result = open(target).and_then(|(s, _, _)| exchange(&s, &format!("l{i}")));
+        match result {
+            Ok(label) => {
+                ok += 1;
+                *labels.entry(label).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        i += 1;
+    }
+    json!({"ok": ok, "failed": failed, "labels": labels, "errors": errors, "elapsed_ms": start.elapsed().as_millis() as u64})
+}
+
+fn main() {
+    let out = match Cli::parse().cmd {
+        Cmd::Connect { targets } => connect_all(targets),
+        Cmd::Loop { target, duration_ms, max } => run_loop(target, Duration::from_millis(duration_ms), max),
+    };
+    println!("{out}");
+}

@@ -1,0 +1,49 @@
+//! A child cgroup made for one test under the detected cgroup v2 mount; its processes are
+//! killed and the directory removed on drop.
+use std::{
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let mount = redirector::cgroup::cgroup2_mount().expect("cgroup v2 mount");
+        let path = mount.join(name);
+        if path.exists() {
+            Self::remove(&path);
+        }
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn procs_file(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    fn remove(path: &PathBuf) {
+        // cgroup.kill (5.14+) SIGKILLs every member; then wait for them to leave.
+        let _ = fs::write(path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_to_string(path.join("cgroup.procs")).is_ok_and(|s| !s.trim().is_empty()) {
+            if Instant::now() > deadline {
+                eprintln!("cleanup: processes still in {}", path.display());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Err(e) = fs::remove_dir(path) {
+            eprintln!("cleanup: rmdir {}: {e}", path.display());
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        Self::remove(&self.path);
+    }
+}
