@@ -124,10 +124,8 @@ fn load_error(p: &ProgSpec, e: ProgramError) -> Error {
 pub fn install(opts: &InstallOptions) -> Result<Installed> {
     let fresh = !PROGRAMS.iter().any(|p| link_pin(&opts.pin_dir, p.name).exists());
     install_inner(opts).inspect_err(|_| {
-        if fresh {
-            if let Err(e) = crate::uninstall::uninstall(&opts.pin_dir) {
-                tracing::warn!("cleaning up after a failed install: {e}");
-            }
+        if fresh && let Err(e) = crate::uninstall::uninstall(&opts.pin_dir) {
+            tracing::warn!("cleaning up after a failed install: {e}");
         }
     })
 }

@@ -34,7 +34,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Attach (or adopt the pinned programs), fill the maps, follow the node table.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the attach point, programs, node count, ports and counters.
     Status {
         /// Print JSON instead of text.
@@ -120,7 +120,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> redirector::Result<()> {
     match cli.command {
-        Command::Run(args) => run_cmd(cli.pin_dir, args),
+        Command::Run(args) => run_cmd(cli.pin_dir, *args),
         Command::Status { json } => {
             let s = status::status(&cli.pin_dir)?;
             let text = if json {

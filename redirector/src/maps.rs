@@ -3,6 +3,7 @@
 //! their pins, so a restarted or second process sees exactly what the kernel uses.
 use std::{
     collections::BTreeSet,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -20,6 +21,9 @@ pub struct PinnedMaps {
     pin_dir: PathBuf,
     nodes4: HashMap<MapData, u32, NodeValue>,
     nodes6: HashMap<MapData, Ip6Words, NodeValue>,
+    /// Second handles on the node maps for batch writes (aya has no batch API).
+    nodes4_raw: MapData,
+    nodes6_raw: MapData,
     ports: HashMap<MapData, u16, PortValue>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
@@ -45,6 +49,9 @@ fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Map) -> Result<T> {
     T::try_from(map).map_err(|e| Error::ebpf(format!("map {name} has an unexpected type or layout (pins from another version? run `redirector uninstall`)"), e))
 }
 
+/// The kernel-internal "operation not supported" some BPF commands return (not in libc).
+const ENOTSUPP: i32 = 524;
+
 /// True when a map update failed because the map is full (hash maps return E2BIG).
 fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
@@ -57,6 +64,8 @@ impl PinnedMaps {
             pin_dir: pin_dir.to_owned(),
             nodes4: typed(map_names::NODES4, Map::HashMap(m(map_names::NODES4)?))?,
             nodes6: typed(map_names::NODES6, Map::HashMap(m(map_names::NODES6)?))?,
+            nodes4_raw: m(map_names::NODES4)?,
+            nodes6_raw: m(map_names::NODES6)?,
             ports: typed(map_names::PORTS, Map::HashMap(m(map_names::PORTS)?))?,
             config: typed(map_names::CONFIG, Map::Array(m(map_names::CONFIG)?))?,
             counters: typed(map_names::COUNTERS, Map::PerCpuArray(m(map_names::COUNTERS)?))?,
@@ -122,13 +131,37 @@ impl PinnedMaps {
     /// empty in between (no connection escapes during a reload).
     pub fn sync_nodes(&mut self, want: &KernelEntries, max_entries: u32) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
-        sync_one(&mut self.nodes4, &want.v4, map_names::NODES4, max_entries, &mut stats, |k| {
+        sync_one(&mut self.nodes4, &self.nodes4_raw, &want.v4, map_names::NODES4, max_entries, &mut stats, |k| {
             std::net::Ipv4Addr::from(k.to_ne_bytes()).to_string()
         })?;
-        sync_one(&mut self.nodes6, &want.v6, map_names::NODES6, max_entries, &mut stats, |k| {
+        sync_one(&mut self.nodes6, &self.nodes6_raw, &want.v6, map_names::NODES6, max_entries, &mut stats, |k| {
             std::net::Ipv6Addr::from(crate::node_table::words_to_bytes(k)).to_string()
         })?;
         Ok(stats)
+    }
+
+    /// Adds or updates one node address: one map operation, whatever the table size. This is
+    /// what a watcher event for a single node costs.
+    pub fn upsert_node_address(&mut self, ip: std::net::IpAddr, value: NodeValue, max_entries: u32) -> Result<()> {
+        let full = |e: &MapError, name| is_full(e).then(|| Error::MapFull { map: name, capacity: max_entries, what: format!("node address {ip}"), flag: "--max-node-addresses" });
+        match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.nodes4.insert(&u32::from_ne_bytes(v4.octets()), &value, 0).map_err(|e| full(&e, map_names::NODES4).unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))),
+            std::net::IpAddr::V6(v6) => self.nodes6.insert(&crate::node_table::ip6_words(&v6.octets()), &value, 0).map_err(|e| full(&e, map_names::NODES6).unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))),
+        }
+    }
+
+    /// Removes one node address; Ok(false) if it was not there.
+    pub fn remove_node_address(&mut self, ip: std::net::IpAddr) -> Result<bool> {
+        let r = match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.nodes4.remove(&u32::from_ne_bytes(v4.octets())),
+            std::net::IpAddr::V6(v6) => self.nodes6.remove(&crate::node_table::ip6_words(&v6.octets())),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(Error::ebpf(format!("removing {ip}"), e)),
+        }
     }
 
     /// (IPv4, IPv6) node addresses in the kernel maps.
@@ -149,6 +182,7 @@ impl PinnedMaps {
 
 fn sync_one<K: aya::Pod + Ord + Copy>(
     map: &mut HashMap<MapData, K, NodeValue>,
+    raw: &MapData,
     want: &std::collections::BTreeMap<K, NodeValue>,
     name: &'static str,
     max_entries: u32,
@@ -166,19 +200,27 @@ fn sync_one<K: aya::Pod + Ord + Copy>(
             Err(e) => return Err(Error::ebpf(format!("removing {} from {name}", show(k)), e)),
         }
     }
-    for (k, v) in want {
-        let old = current.get(k);
-        if old == Some(v) {
-            continue;
-        }
-        map.insert(k, v, 0).map_err(|e| {
-            if is_full(&e) {
-                Error::MapFull { map: name, capacity: max_entries, what: format!("node address {}", show(k)), flag: "--max-node-addresses" }
-            } else {
-                Error::ebpf(format!("adding {} to {name}", show(k)), e)
+    let (keys, values): (Vec<K>, Vec<NodeValue>) =
+        want.iter().filter(|(k, v)| current.get(k) != Some(v)).map(|(k, v)| (*k, *v)).unzip();
+    let full = |k: &K| Error::MapFull { map: name, capacity: max_entries, what: format!("node address {}", show(k)), flag: "--max-node-addresses" };
+    // One syscall for the whole change; fall back to single updates where batching is
+    // unsupported (kernels before 5.6).
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let (done, r) = crate::sys::map_update_batch(raw.fd().as_fd(), &keys, &values);
+    match r {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => return Err(full(&keys[done.min(keys.len() - 1)])),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)) => {
+            for (k, v) in keys.iter().zip(&values).skip(done) {
+                map.insert(k, v, 0).map_err(|e| if is_full(&e) { full(k) } else { Error::ebpf(format!("adding {} to {name}", show(k)), e) })?;
             }
-        })?;
-        if old.is_some() { stats.updated += 1 } else { stats.added += 1 }
+        }
+        Err(e) => return Err(Error::io(format!("writing {} entries to {name}", keys.len()), e)),
+    }
+    for k in &keys {
+        if current.contains_key(k) { stats.updated += 1 } else { stats.added += 1 }
     }
     Ok(())
 }

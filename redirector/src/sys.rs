@@ -13,6 +13,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 /// `SO_NETNS_COOKIE` (Linux 5.14+); not in every libc crate version.
@@ -47,6 +48,35 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes many entries in one syscall (`BPF_MAP_UPDATE_BATCH`, Linux 5.6+ for hash maps).
+/// Returns how many were written before an error, with the error.
+pub fn map_update_batch<K: Copy, V: Copy>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> (usize, io::Result<()>) {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // The kernel writes back how many elements it processed into `count`.
+    let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
+    (attr.count as usize, r)
 }
 
 #[repr(C)]
@@ -147,6 +177,7 @@ mod tests {
         assert_eq!(size_of::<ObjGetAttr>(), 24);
         assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(size_of::<InfoAttr>(), 16);
+        assert_eq!(size_of::<BatchAttr>(), 56);
         // bpf_link_info: type, id, prog_id, then an 8-aligned union; cgroup_id is at 16.
         assert_eq!(std::mem::offset_of!(LinkInfo, cgroup_id), 16);
         assert_eq!(std::mem::offset_of!(LinkInfo, attach_type), 24);

@@ -69,6 +69,12 @@ pub struct World {
     pub pod: Netns,
 }
 
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl World {
     pub fn new() -> Self {
         require_root();
@@ -149,10 +155,10 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if self.pin_dir.exists() {
-            if let Err(e) = redirector::uninstall::uninstall(&self.pin_dir) {
-                eprintln!("cleanup: uninstall {}: {e}", self.pin_dir.display());
-            }
+        if self.pin_dir.exists()
+            && let Err(e) = redirector::uninstall::uninstall(&self.pin_dir)
+        {
+            eprintln!("cleanup: uninstall {}: {e}", self.pin_dir.display());
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

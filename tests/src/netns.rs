@@ -45,7 +45,7 @@ impl Netns {
     /// Moves the calling thread into this namespace until the guard drops. Sockets created
     /// meanwhile stay in it.
     pub fn enter(&self) -> NetnsGuard {
-        let previous: OwnedFd = File::open(format!("/proc/thread-self/ns/net")).expect("own netns").into();
+        let previous: OwnedFd = File::open("/proc/thread-self/ns/net").expect("own netns").into();
         let target = self.open();
         // SAFETY: setns on valid fds; affects only this thread.
         let r = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };

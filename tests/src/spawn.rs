@@ -40,10 +40,10 @@ pub fn place(cmd: &mut Command, cgroup: Option<&TestCgroup>, netns: Option<&Netn
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if let Some(f) = &ns {
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(f) = &ns
+                && libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
