@@ -125,7 +125,15 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 7] = [NODES4, NODES6, PORTS, CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, COUNTERS];
+    pub const ALL: [&str; 7] = [
+        NODES4,
+        NODES6,
+        PORTS,
+        CONFIG,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        COUNTERS,
+    ];
 }
 
 /// Program names (the eBPF functions), also the names of their pinned links.
@@ -219,7 +227,10 @@ mod tests {
         for (i, w) in m.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 51, 100, 10]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 51, 100, 10]
+        );
         assert!(is_v4_mapped(&m));
         assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
     }

@@ -43,8 +43,7 @@ use redirector_common::{
 static NODES4: HashMap<u32, NodeValue> = HashMap::pinned(capacity::NODES, BPF_F_NO_PREALLOC);
 /// Edge node IPv6 addresses.
 #[map]
-static NODES6: HashMap<Ip6Words, NodeValue> =
-    HashMap::pinned(capacity::NODES, BPF_F_NO_PREALLOC);
+static NODES6: HashMap<Ip6Words, NodeValue> = HashMap::pinned(capacity::NODES, BPF_F_NO_PREALLOC);
 /// Redirected destination ports (host byte order).
 #[map]
 static PORTS: HashMap<u16, PortValue> = HashMap::pinned(capacity::PORTS, 0);
@@ -52,8 +51,7 @@ static PORTS: HashMap<u16, PortValue> = HashMap::pinned(capacity::PORTS, 0);
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// socket cookie -> original destination; from connect() until the socket closes.
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(capacity::ORIG_BY_COOKIE, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::ORIG_BY_COOKIE, 0);
 /// 4-tuple seen by the ingress -> original destination; the ingress deletes what it consumes.
 #[map]
 static ORIG_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
@@ -125,11 +123,16 @@ fn pick_ingress(ctx: &SockAddrContext, v6: bool) -> Option<(Ingress, u16)> {
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i32> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE.insert(&cookie, orig, BPF_ANY as u64).map_err(|_| {
-        bump(counter::MAP_FULL);
-        aya_log_ebpf::warn!(ctx, "redirect refused: ORIG_BY_COOKIE update failed (map full?)");
-        DENY
-    })
+    ORIG_BY_COOKIE
+        .insert(&cookie, orig, BPF_ANY as u64)
+        .map_err(|_| {
+            bump(counter::MAP_FULL);
+            aya_log_ebpf::warn!(
+                ctx,
+                "redirect refused: ORIG_BY_COOKIE update failed (map full?)"
+            );
+            DENY
+        })
 }
 
 #[inline(always)]
@@ -163,7 +166,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         bump(counter::NO_INGRESS);
         return Ok(ALLOW);
     };
-    let orig = OrigDst { ip: v4_mapped(ip4), port, flags: flags | ambiguous(node) };
+    let orig = OrigDst {
+        ip: v4_mapped(ip4),
+        port,
+        flags: flags | ambiguous(node),
+    };
     remember(ctx, &orig)?;
     unsafe {
         (*sa).user_ip4 = ingress.ip[3];
@@ -175,7 +182,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn ambiguous(node: &NodeValue) -> u16 {
-    if node.flags & node_flags::AMBIGUOUS != 0 { orig_flags::AMBIGUOUS } else { 0 }
+    if node.flags & node_flags::AMBIGUOUS != 0 {
+        orig_flags::AMBIGUOUS
+    } else {
+        0
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -195,7 +206,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 connection: same node map, same
     // IPv4 ingress (written back IPv4-mapped).
     let mapped = is_v4_mapped(&ip);
-    let node = if mapped { unsafe { NODES4.get(&ip[3]) } } else { unsafe { NODES6.get(&ip) } };
+    let node = if mapped {
+        unsafe { NODES4.get(&ip[3]) }
+    } else {
+        unsafe { NODES6.get(&ip) }
+    };
     let Some(node) = node else {
         bump(counter::PASSED);
         return Ok(ALLOW);
@@ -208,7 +223,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         bump(counter::NO_INGRESS);
         return Ok(ALLOW);
     };
-    let orig = OrigDst { ip, port, flags: flags | ambiguous(node) };
+    let orig = OrigDst {
+        ip,
+        port,
+        flags: flags | ambiguous(node),
+    };
     remember(ctx, &orig)?;
     write_ip6(unsafe { addr_of_mut!((*sa).user_ip6) }, &ingress.ip);
     unsafe { (*sa).user_port = u32::from(ingress.port.to_be()) };
@@ -263,7 +282,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
         // Not a redirected socket (or its entry was evicted: counted at establishment).
-        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            && ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+        {
             bump(counter::ORIG_DST_MISS);
         }
         return Ok(1);

@@ -27,7 +27,10 @@ fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = u32::from(b[i + 1] - b'0') * 64
                 + u32::from(b[i + 2] - b'0') * 8
                 + u32::from(b[i + 3] - b'0');
@@ -52,11 +55,18 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 /// mount), else the mount's root (the whole host).
 pub fn attach_point(requested: Option<&Path>) -> Result<PathBuf> {
     let mount = cgroup2_mount()?;
-    let Some(path) = requested else { return Ok(mount) };
-    let canonical = fs::canonicalize(path)
-        .map_err(|_| Error::NotACgroup { path: path.to_owned(), mount: mount.clone() })?;
+    let Some(path) = requested else {
+        return Ok(mount);
+    };
+    let canonical = fs::canonicalize(path).map_err(|_| Error::NotACgroup {
+        path: path.to_owned(),
+        mount: mount.clone(),
+    })?;
     if !canonical.starts_with(&mount) || !canonical.join("cgroup.procs").exists() {
-        return Err(Error::NotACgroup { path: path.to_owned(), mount });
+        return Err(Error::NotACgroup {
+            path: path.to_owned(),
+            mount,
+        });
     }
     Ok(canonical)
 }
@@ -65,7 +75,10 @@ pub fn attach_point(requested: Option<&Path>) -> Result<PathBuf> {
 pub fn cgroup_id(path: &Path) -> Result<u64> {
     fs::metadata(path)
         .map(|m| m.ino())
-        .map_err(|e| Error::OpenCgroup { path: path.to_owned(), source: e })
+        .map_err(|e| Error::OpenCgroup {
+            path: path.to_owned(),
+            source: e,
+        })
 }
 
 /// Finds the directory of a cgroup id under the cgroup v2 mount (breadth first, bounded so a
@@ -80,11 +93,15 @@ pub fn path_of_cgroup_id(id: u64) -> Option<PathBuf> {
         if seen > MAX_DIRS {
             return None;
         }
-        let Ok(meta) = fs::metadata(&dir) else { continue };
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
         if meta.ino() == id {
             return Some(dir);
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 queue.push_back(e.path());
@@ -106,13 +123,22 @@ mod tests {
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
 32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
 ";
-        assert_eq!(cgroup2_mount_in(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn no_cgroup2_is_none_and_escapes_are_decoded() {
-        assert_eq!(cgroup2_mount_in("22 1 0:21 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("22 1 0:21 / /proc rw - proc proc rw\n"),
+            None
+        );
         let info = "31 30 0:27 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_in(info), Some(PathBuf::from("/mnt/my cgroup")));
+        assert_eq!(
+            cgroup2_mount_in(info),
+            Some(PathBuf::from("/mnt/my cgroup"))
+        );
     }
 }

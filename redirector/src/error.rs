@@ -44,10 +44,19 @@ pub enum Error {
         "this kernel cannot load or attach the {program} program ({hook}): {detail}. It needs \
          Linux {min_kernel} or newer with CONFIG_CGROUP_BPF=y and BPF syscall support"
     )]
-    KernelMissingHook { program: &'static str, hook: &'static str, min_kernel: &'static str, detail: String },
+    KernelMissingHook {
+        program: &'static str,
+        hook: &'static str,
+        min_kernel: &'static str,
+        detail: String,
+    },
 
     #[error("{file}:{line}: {reason}")]
-    NodeTable { file: PathBuf, line: usize, reason: String },
+    NodeTable {
+        file: PathBuf,
+        line: usize,
+        reason: String,
+    },
 
     #[error("cannot read node table {file}: {source}")]
     NodeTableRead { file: PathBuf, source: io::Error },
@@ -56,13 +65,23 @@ pub enum Error {
         "map {map} is full ({capacity} entries) while adding {what}; raise {flag} and restart \
          (after `redirector uninstall`, since a pinned map keeps its size)"
     )]
-    MapFull { map: &'static str, capacity: u32, what: String, flag: &'static str },
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        what: String,
+        flag: &'static str,
+    },
 
     #[error(
         "the redirector is already installed in {pin_dir} and attached to cgroup id {attached} \
          ({attached_path}), not {wanted}; run `redirector uninstall --pin-dir {pin_dir}` first"
     )]
-    AttachedElsewhere { pin_dir: PathBuf, attached: u64, attached_path: String, wanted: PathBuf },
+    AttachedElsewhere {
+        pin_dir: PathBuf,
+        attached: u64,
+        attached_path: String,
+        wanted: PathBuf,
+    },
 
     #[error("not installed: no pins in {pin_dir}; start `redirector run` first")]
     NotInstalled { pin_dir: PathBuf },

@@ -59,11 +59,31 @@ struct ProgSpec {
 }
 
 const PROGRAMS: [ProgSpec; 5] = [
-    ProgSpec { name: program_names::CONNECT4, hook: "cgroup/connect4", min_kernel: "5.7" },
-    ProgSpec { name: program_names::CONNECT6, hook: "cgroup/connect6", min_kernel: "5.7" },
-    ProgSpec { name: program_names::GETPEERNAME4, hook: "cgroup/getpeername4", min_kernel: "5.8" },
-    ProgSpec { name: program_names::GETPEERNAME6, hook: "cgroup/getpeername6", min_kernel: "5.8" },
-    ProgSpec { name: program_names::SOCK_OPS, hook: "sockops", min_kernel: "5.7" },
+    ProgSpec {
+        name: program_names::CONNECT4,
+        hook: "cgroup/connect4",
+        min_kernel: "5.7",
+    },
+    ProgSpec {
+        name: program_names::CONNECT6,
+        hook: "cgroup/connect6",
+        min_kernel: "5.7",
+    },
+    ProgSpec {
+        name: program_names::GETPEERNAME4,
+        hook: "cgroup/getpeername4",
+        min_kernel: "5.8",
+    },
+    ProgSpec {
+        name: program_names::GETPEERNAME6,
+        hook: "cgroup/getpeername6",
+        min_kernel: "5.8",
+    },
+    ProgSpec {
+        name: program_names::SOCK_OPS,
+        hook: "sockops",
+        min_kernel: "5.7",
+    },
 ];
 
 pub fn link_pin(pin_dir: &Path, prog: &str) -> PathBuf {
@@ -76,11 +96,17 @@ pub fn program_pin(pin_dir: &Path, prog: &str) -> PathBuf {
 
 /// Before 5.11 BPF memory is charged to RLIMIT_MEMLOCK; lift it so large maps load.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain setrlimit with a valid struct; failure only matters on old kernels, where
     // the load error that follows says what went wrong.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -97,7 +123,8 @@ fn check_existing_links(opts: &InstallOptions, cgroup_id: u64) -> Result<()> {
             .map_err(|e| Error::io(format!("opening pinned link {}", path.display()), e))?;
         if info.cgroup_id == 0 {
             tracing::warn!(link = %path.display(), "pinned link is detached (its cgroup is gone); re-attaching");
-            fs::remove_file(&path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
         } else if info.cgroup_id != cgroup_id {
             return Err(Error::AttachedElsewhere {
                 pin_dir: opts.pin_dir.clone(),
@@ -114,7 +141,12 @@ fn check_existing_links(opts: &InstallOptions, cgroup_id: u64) -> Result<()> {
 
 fn load_error(p: &ProgSpec, e: ProgramError) -> Error {
     match Error::ebpf(format!("loading {}", p.name), e) {
-        Error::Ebpf { detail, .. } => Error::KernelMissingHook { program: p.name, hook: p.hook, min_kernel: p.min_kernel, detail },
+        Error::Ebpf { detail, .. } => Error::KernelMissingHook {
+            program: p.name,
+            hook: p.hook,
+            min_kernel: p.min_kernel,
+            detail,
+        },
         other => other,
     }
 }
@@ -122,7 +154,9 @@ fn load_error(p: &ProgSpec, e: ProgramError) -> Error {
 /// Loads the programs against the pinned maps and attaches (or adopts) them on the cgroup.
 /// A first install that fails part way removes what it pinned: nothing is left half set up.
 pub fn install(opts: &InstallOptions) -> Result<Installed> {
-    let fresh = !PROGRAMS.iter().any(|p| link_pin(&opts.pin_dir, p.name).exists());
+    let fresh = !PROGRAMS
+        .iter()
+        .any(|p| link_pin(&opts.pin_dir, p.name).exists());
     install_inner(opts).inspect_err(|_| {
         if fresh && let Err(e) = crate::uninstall::uninstall(&opts.pin_dir) {
             tracing::warn!("cleaning up after a failed install: {e}");
@@ -136,8 +170,10 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
         .map_err(|e| Error::io(format!("creating {}/programs", opts.pin_dir.display()), e))?;
     raise_memlock();
     let cgroup_id = cgroup::cgroup_id(&opts.cgroup)?;
-    let cgroup_fd = fs::File::open(&opts.cgroup)
-        .map_err(|e| Error::OpenCgroup { path: opts.cgroup.clone(), source: e })?;
+    let cgroup_fd = fs::File::open(&opts.cgroup).map_err(|e| Error::OpenCgroup {
+        path: opts.cgroup.clone(),
+        source: e,
+    })?;
     check_existing_links(opts, cgroup_id)?;
 
     let mut ebpf = EbpfLoader::new()
@@ -145,7 +181,15 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
         .map_max_entries(map_names::NODES4, opts.max_node_addresses)
         .map_max_entries(map_names::NODES6, opts.max_node_addresses)
         .load(OBJECT)
-        .map_err(|e| Error::ebpf(format!("loading the eBPF object (maps pinned in {})", opts.pin_dir.display()), e))?;
+        .map_err(|e| {
+            Error::ebpf(
+                format!(
+                    "loading the eBPF object (maps pinned in {})",
+                    opts.pin_dir.display()
+                ),
+                e,
+            )
+        })?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -154,12 +198,20 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
         }
     };
 
-    let mut installed = Installed { ebpf, logger, adopted: Vec::new(), attached: Vec::new() };
+    let mut installed = Installed {
+        ebpf,
+        logger,
+        adopted: Vec::new(),
+        attached: Vec::new(),
+    };
     for p in &PROGRAMS {
         let prog = installed
             .ebpf
             .program_mut(p.name)
-            .ok_or_else(|| Error::Ebpf { what: format!("program {}", p.name), detail: "missing from the object".into() })?;
+            .ok_or_else(|| Error::Ebpf {
+                what: format!("program {}", p.name),
+                detail: "missing from the object".into(),
+            })?;
         let link_path = link_pin(&opts.pin_dir, p.name);
         let adopted = if p.name == program_names::SOCK_OPS {
             let prog: &mut SockOps = prog.try_into().map_err(|e| load_error(p, e))?;
@@ -169,7 +221,11 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
             place(p, prog, &link_path, &cgroup_fd)?
         };
         pin_program(&mut installed.ebpf, p.name, &opts.pin_dir)?;
-        if adopted { installed.adopted.push(p.name) } else { installed.attached.push(p.name) }
+        if adopted {
+            installed.adopted.push(p.name)
+        } else {
+            installed.attached.push(p.name)
+        }
     }
     Ok(installed)
 }
@@ -205,17 +261,31 @@ cgroup_program!(CgroupSockAddr);
 
 /// Loads `prog`, then swaps it into the pinned link at `link_path` if there is one (adopted:
 /// true), or attaches it to the cgroup and pins the new link (false).
-fn place(p: &ProgSpec, prog: &mut impl CgroupProgram, link_path: &Path, cgroup: &fs::File) -> Result<bool> {
+fn place(
+    p: &ProgSpec,
+    prog: &mut impl CgroupProgram,
+    link_path: &Path,
+    cgroup: &fs::File,
+) -> Result<bool> {
     prog.load_prog().map_err(|e| load_error(p, e))?;
     if link_path.exists() {
-        let link = sys::obj_get(link_path).map_err(|e| Error::io(format!("opening {}", link_path.display()), e))?;
+        let link = sys::obj_get(link_path)
+            .map_err(|e| Error::io(format!("opening {}", link_path.display()), e))?;
         let fd = prog.prog_fd().map_err(|e| load_error(p, e))?;
-        sys::link_update(link.as_fd(), fd)
-            .map_err(|e| Error::io(format!("replacing the program of {} (BPF_LINK_UPDATE)", link_path.display()), e))?;
+        sys::link_update(link.as_fd(), fd).map_err(|e| {
+            Error::io(
+                format!(
+                    "replacing the program of {} (BPF_LINK_UPDATE)",
+                    link_path.display()
+                ),
+                e,
+            )
+        })?;
         return Ok(true);
     }
     let link = prog.attach_fd_link(cgroup).map_err(|e| load_error(p, e))?;
-    link.pin(link_path).map_err(|e| Error::ebpf(format!("pinning link {}", link_path.display()), e))?;
+    link.pin(link_path)
+        .map_err(|e| Error::ebpf(format!("pinning link {}", link_path.display()), e))?;
     Ok(false)
 }
 
@@ -224,8 +294,10 @@ fn pin_program(ebpf: &mut Ebpf, name: &str, pin_dir: &Path) -> Result<()> {
     // A previous version's program stays loaded only while something references it; drop its
     // pin so the new one can take the name (the link already runs the new program).
     if path.exists() {
-        fs::remove_file(&path).map_err(|e| Error::io(format!("removing old pin {}", path.display()), e))?;
+        fs::remove_file(&path)
+            .map_err(|e| Error::io(format!("removing old pin {}", path.display()), e))?;
     }
     let prog = ebpf.program_mut(name).expect("program checked above");
-    prog.pin(&path).map_err(|e| Error::ebpf(format!("pinning program {}", path.display()), e))
+    prog.pin(&path)
+        .map_err(|e| Error::ebpf(format!("pinning program {}", path.display()), e))
 }

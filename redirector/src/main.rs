@@ -1,5 +1,7 @@
 //! `redirector`: run, inspect and remove the cgroup eBPF redirector.
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use redirector::{
@@ -13,7 +15,10 @@ use redirector_common::capacity;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "eBPF redirector: steers connections to edge node ports into the tunnel ingress")]
+#[command(
+    version,
+    about = "eBPF redirector: steers connections to edge node ports into the tunnel ingress"
+)]
 struct Cli {
     /// bpffs directory holding the pinned programs, links and maps.
     #[arg(long, global = true, env = "REDIRECTOR_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
@@ -99,7 +104,10 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs collected from a file or a pod stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -151,7 +159,12 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
         }
         Command::Uninstall => {
             let r = uninstall::uninstall(&cli.pin_dir)?;
-            println!("detached {} links, removed {} pins from {}", r.links_detached, r.pins_removed, cli.pin_dir.display());
+            println!(
+                "detached {} links, removed {} pins from {}",
+                r.links_detached,
+                r.pins_removed,
+                cli.pin_dir.display()
+            );
             Ok(())
         }
     }
@@ -159,7 +172,9 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
 
 fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
     if !(args.reload_interval > 0.0 && args.reload_interval.is_finite()) {
-        return Err(redirector::Error::Config("--reload-interval must be a positive number of seconds".into()));
+        return Err(redirector::Error::Config(
+            "--reload-interval must be a positive number of seconds".into(),
+        ));
     }
     let cfg = RunConfig {
         install: InstallOptions {
@@ -184,8 +199,9 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -8,9 +8,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
-use redirector_common::{
-    Config, Ip6Words, NodeValue, PortValue, capacity, counter, map_names,
-};
+use redirector_common::{Config, Ip6Words, NodeValue, PortValue, capacity, counter, map_names};
 
 use crate::{
     error::{Error, Result},
@@ -40,9 +38,12 @@ pub struct SyncStats {
 pub(crate) fn open_map(pin_dir: &Path, name: &str) -> Result<MapData> {
     let path = pin_dir.join(name);
     if !path.exists() {
-        return Err(Error::NotInstalled { pin_dir: pin_dir.to_owned() });
+        return Err(Error::NotInstalled {
+            pin_dir: pin_dir.to_owned(),
+        });
     }
-    MapData::from_pin(&path).map_err(|e| Error::ebpf(format!("opening pinned map {}", path.display()), e))
+    MapData::from_pin(&path)
+        .map_err(|e| Error::ebpf(format!("opening pinned map {}", path.display()), e))
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Map) -> Result<T> {
@@ -50,7 +51,7 @@ fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Map) -> Result<T> {
 }
 
 /// The kernel-internal "operation not supported" some BPF commands return (not in libc).
-const ENOTSUPP: i32 = 524;
+pub(crate) const ENOTSUPP: i32 = 524;
 
 /// True when a map update failed because the map is full (hash maps return E2BIG).
 fn is_full(e: &MapError) -> bool {
@@ -68,7 +69,10 @@ impl PinnedMaps {
             nodes6_raw: m(map_names::NODES6)?,
             ports: typed(map_names::PORTS, Map::HashMap(m(map_names::PORTS)?))?,
             config: typed(map_names::CONFIG, Map::Array(m(map_names::CONFIG)?))?,
-            counters: typed(map_names::COUNTERS, Map::PerCpuArray(m(map_names::COUNTERS)?))?,
+            counters: typed(
+                map_names::COUNTERS,
+                Map::PerCpuArray(m(map_names::COUNTERS)?),
+            )?,
         })
     }
 
@@ -77,11 +81,15 @@ impl PinnedMaps {
     }
 
     pub fn config(&self) -> Result<Config> {
-        self.config.get(&0, 0).map_err(|e| Error::ebpf("reading CONFIG", e))
+        self.config
+            .get(&0, 0)
+            .map_err(|e| Error::ebpf("reading CONFIG", e))
     }
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
-        self.config.set(0, cfg, 0).map_err(|e| Error::ebpf("writing CONFIG", e))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| Error::ebpf("writing CONFIG", e))
     }
 
     pub fn ports(&self) -> Result<BTreeSet<u16>> {
@@ -95,13 +103,20 @@ impl PinnedMaps {
         if port == 0 {
             return Err(Error::Config("port 0 cannot be redirected".into()));
         }
-        self.ports.insert(&port, &PortValue::default(), 0).map_err(|e| {
-            if is_full(&e) {
-                Error::MapFull { map: map_names::PORTS, capacity: capacity::PORTS, what: format!("port {port}"), flag: "(fixed capacity)" }
-            } else {
-                Error::ebpf(format!("adding port {port}"), e)
-            }
-        })
+        self.ports
+            .insert(&port, &PortValue::default(), 0)
+            .map_err(|e| {
+                if is_full(&e) {
+                    Error::MapFull {
+                        map: map_names::PORTS,
+                        capacity: capacity::PORTS,
+                        what: format!("port {port}"),
+                        flag: "(fixed capacity)",
+                    }
+                } else {
+                    Error::ebpf(format!("adding port {port}"), e)
+                }
+            })
     }
 
     /// Removes a port; Ok(false) if it was not redirected.
@@ -109,7 +124,9 @@ impl PinnedMaps {
         match self.ports.remove(&port) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
             Err(e) => Err(Error::ebpf(format!("removing port {port}"), e)),
         }
     }
@@ -131,22 +148,58 @@ impl PinnedMaps {
     /// empty in between (no connection escapes during a reload).
     pub fn sync_nodes(&mut self, want: &KernelEntries, max_entries: u32) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
-        sync_one(&mut self.nodes4, &self.nodes4_raw, &want.v4, map_names::NODES4, max_entries, &mut stats, |k| {
-            std::net::Ipv4Addr::from(k.to_ne_bytes()).to_string()
-        })?;
-        sync_one(&mut self.nodes6, &self.nodes6_raw, &want.v6, map_names::NODES6, max_entries, &mut stats, |k| {
-            std::net::Ipv6Addr::from(crate::node_table::words_to_bytes(k)).to_string()
-        })?;
+        sync_one(
+            &mut self.nodes4,
+            &self.nodes4_raw,
+            &want.v4,
+            map_names::NODES4,
+            max_entries,
+            &mut stats,
+            |k| std::net::Ipv4Addr::from(k.to_ne_bytes()).to_string(),
+        )?;
+        sync_one(
+            &mut self.nodes6,
+            &self.nodes6_raw,
+            &want.v6,
+            map_names::NODES6,
+            max_entries,
+            &mut stats,
+            |k| std::net::Ipv6Addr::from(crate::node_table::words_to_bytes(k)).to_string(),
+        )?;
         Ok(stats)
     }
 
     /// Adds or updates one node address: one map operation, whatever the table size. This is
     /// what a watcher event for a single node costs.
-    pub fn upsert_node_address(&mut self, ip: std::net::IpAddr, value: NodeValue, max_entries: u32) -> Result<()> {
-        let full = |e: &MapError, name| is_full(e).then(|| Error::MapFull { map: name, capacity: max_entries, what: format!("node address {ip}"), flag: "--max-node-addresses" });
+    pub fn upsert_node_address(
+        &mut self,
+        ip: std::net::IpAddr,
+        value: NodeValue,
+        max_entries: u32,
+    ) -> Result<()> {
+        let full = |e: &MapError, name| {
+            is_full(e).then(|| Error::MapFull {
+                map: name,
+                capacity: max_entries,
+                what: format!("node address {ip}"),
+                flag: "--max-node-addresses",
+            })
+        };
         match ip.to_canonical() {
-            std::net::IpAddr::V4(v4) => self.nodes4.insert(&u32::from_ne_bytes(v4.octets()), &value, 0).map_err(|e| full(&e, map_names::NODES4).unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))),
-            std::net::IpAddr::V6(v6) => self.nodes6.insert(&crate::node_table::ip6_words(&v6.octets()), &value, 0).map_err(|e| full(&e, map_names::NODES6).unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))),
+            std::net::IpAddr::V4(v4) => self
+                .nodes4
+                .insert(&u32::from_ne_bytes(v4.octets()), &value, 0)
+                .map_err(|e| {
+                    full(&e, map_names::NODES4)
+                        .unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))
+                }),
+            std::net::IpAddr::V6(v6) => self
+                .nodes6
+                .insert(&crate::node_table::ip6_words(&v6.octets()), &value, 0)
+                .map_err(|e| {
+                    full(&e, map_names::NODES6)
+                        .unwrap_or_else(|| Error::ebpf(format!("adding {ip}"), e))
+                }),
         }
     }
 
@@ -154,26 +207,36 @@ impl PinnedMaps {
     pub fn remove_node_address(&mut self, ip: std::net::IpAddr) -> Result<bool> {
         let r = match ip.to_canonical() {
             std::net::IpAddr::V4(v4) => self.nodes4.remove(&u32::from_ne_bytes(v4.octets())),
-            std::net::IpAddr::V6(v6) => self.nodes6.remove(&crate::node_table::ip6_words(&v6.octets())),
+            std::net::IpAddr::V6(v6) => self
+                .nodes6
+                .remove(&crate::node_table::ip6_words(&v6.octets())),
         };
         match r {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
             Err(e) => Err(Error::ebpf(format!("removing {ip}"), e)),
         }
     }
 
     /// (IPv4, IPv6) node addresses in the kernel maps.
     pub fn node_counts(&self) -> (usize, usize) {
-        (self.nodes4.keys().filter(Result::is_ok).count(), self.nodes6.keys().filter(Result::is_ok).count())
+        (
+            self.nodes4.keys().filter(Result::is_ok).count(),
+            self.nodes6.keys().filter(Result::is_ok).count(),
+        )
     }
 
     /// Counter totals over all CPUs, indexed by [`redirector_common::counter`].
     pub fn counters(&self) -> Result<[u64; counter::LEN as usize]> {
         let mut out = [0u64; counter::LEN as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = self.counters.get(&(i as u32), 0).map_err(|e| Error::ebpf("reading COUNTERS", e))?;
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|e| Error::ebpf("reading COUNTERS", e))?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -200,9 +263,17 @@ fn sync_one<K: aya::Pod + Ord + Copy>(
             Err(e) => return Err(Error::ebpf(format!("removing {} from {name}", show(k)), e)),
         }
     }
-    let (keys, values): (Vec<K>, Vec<NodeValue>) =
-        want.iter().filter(|(k, v)| current.get(k) != Some(v)).map(|(k, v)| (*k, *v)).unzip();
-    let full = |k: &K| Error::MapFull { map: name, capacity: max_entries, what: format!("node address {}", show(k)), flag: "--max-node-addresses" };
+    let (keys, values): (Vec<K>, Vec<NodeValue>) = want
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .unzip();
+    let full = |k: &K| Error::MapFull {
+        map: name,
+        capacity: max_entries,
+        what: format!("node address {}", show(k)),
+        flag: "--max-node-addresses",
+    };
     // One syscall for the whole change; fall back to single updates where batching is
     // unsupported (kernels before 5.6).
     if keys.is_empty() {
@@ -211,16 +282,38 @@ fn sync_one<K: aya::Pod + Ord + Copy>(
     let (done, r) = crate::sys::map_update_batch(raw.fd().as_fd(), &keys, &values);
     match r {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => return Err(full(&keys[done.min(keys.len() - 1)])),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)) => {
+        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+            return Err(full(&keys[done.min(keys.len() - 1)]));
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
             for (k, v) in keys.iter().zip(&values).skip(done) {
-                map.insert(k, v, 0).map_err(|e| if is_full(&e) { full(k) } else { Error::ebpf(format!("adding {} to {name}", show(k)), e) })?;
+                map.insert(k, v, 0).map_err(|e| {
+                    if is_full(&e) {
+                        full(k)
+                    } else {
+                        Error::ebpf(format!("adding {} to {name}", show(k)), e)
+                    }
+                })?;
             }
         }
-        Err(e) => return Err(Error::io(format!("writing {} entries to {name}", keys.len()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("writing {} entries to {name}", keys.len()),
+                e,
+            ));
+        }
     }
     for k in &keys {
-        if current.contains_key(k) { stats.updated += 1 } else { stats.added += 1 }
+        if current.contains_key(k) {
+            stats.updated += 1
+        } else {
+            stats.added += 1
+        }
     }
     Ok(())
 }

@@ -38,15 +38,21 @@ pub struct KernelEntries {
 
 impl NodeTable {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::NodeTableRead { file: path.to_owned(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::NodeTableRead {
+            file: path.to_owned(),
+            source: e,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses the text of a node table; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
         let mut nodes: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let err = |line: usize, reason: String| Error::NodeTable { file: file.to_owned(), line, reason };
+        let err = |line: usize, reason: String| Error::NodeTable {
+            file: file.to_owned(),
+            line,
+            reason,
+        };
         for (idx, raw) in text.lines().enumerate() {
             let line_no = idx + 1;
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -57,7 +63,12 @@ impl NodeTable {
             let id = fields.next().unwrap_or_default();
             validate_node_id(id).map_err(|r| err(line_no, r))?;
             if nodes.contains_key(id) {
-                return Err(err(line_no, format!("node {id:?} is listed twice; list each node once with all its addresses")));
+                return Err(err(
+                    line_no,
+                    format!(
+                        "node {id:?} is listed twice; list each node once with all its addresses"
+                    ),
+                ));
             }
             let mut addrs = Vec::new();
             for f in fields {
@@ -67,7 +78,10 @@ impl NodeTable {
                 }
             }
             if addrs.is_empty() {
-                return Err(err(line_no, format!("node {id:?} has no address; expected `<node-id> <ip> [<ip>...]`")));
+                return Err(err(
+                    line_no,
+                    format!("node {id:?} has no address; expected `<node-id> <ip> [<ip>...]`"),
+                ));
             }
             nodes.insert(id.to_owned(), addrs);
         }
@@ -89,7 +103,11 @@ impl NodeTable {
     pub fn kernel_entries(&self) -> KernelEntries {
         let mut out = KernelEntries::default();
         for (ip, owners) in self.owners() {
-            let flags = if owners.len() > 1 { node_flags::AMBIGUOUS } else { 0 };
+            let flags = if owners.len() > 1 {
+                node_flags::AMBIGUOUS
+            } else {
+                0
+            };
             let value = NodeValue { flags };
             match ip {
                 IpAddr::V4(v4) => {
@@ -136,7 +154,9 @@ fn parse_address(s: &str) -> Result<IpAddr, String> {
         None
     };
     match reason {
-        Some(r) => Err(format!("{ip} {r}; list the node's InternalIP, ExternalIP or tunnel address")),
+        Some(r) => Err(format!(
+            "{ip} {r}; list the node's InternalIP, ExternalIP or tunnel address"
+        )),
         None => Ok(ip),
     }
 }
@@ -146,7 +166,12 @@ fn parse_address(s: &str) -> Result<IpAddr, String> {
 fn validate_node_id(id: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if id.is_empty() || id.len() > 253 || !id.chars().all(ok_char) || !ends_ok(id.chars().next()) || !ends_ok(id.chars().last()) {
+    if id.is_empty()
+        || id.len() > 253
+        || !id.chars().all(ok_char)
+        || !ends_ok(id.chars().next())
+        || !ends_ok(id.chars().last())
+    {
         return Err(format!(
             "{id:?} is not a valid node name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
         ));
@@ -171,7 +196,10 @@ mod tests {
         .unwrap();
         assert_eq!(t.nodes.len(), 3);
         // IPv4-mapped is normalised to IPv4.
-        assert_eq!(t.nodes["edge-c"][0], IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)));
+        assert_eq!(
+            t.nodes["edge-c"][0],
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12))
+        );
         let k = t.kernel_entries();
         let dup = u32::from_ne_bytes([198, 51, 100, 10]);
         assert_eq!(k.v4[&dup].flags, node_flags::AMBIGUOUS);
@@ -179,7 +207,10 @@ mod tests {
         assert_eq!(k.v4.len(), 3);
         assert_eq!(k.v6.len(), 1);
         let owners = t.owners();
-        let dup_owners: Vec<_> = owners[&IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10))].iter().copied().collect();
+        let dup_owners: Vec<_> = owners[&IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10))]
+            .iter()
+            .copied()
+            .collect();
         assert_eq!(dup_owners, ["edge-a", "edge-b"]);
     }
 
@@ -187,7 +218,11 @@ mod tests {
     fn bad_lines_name_file_line_and_reason() {
         let cases = [
             ("edge-a\n", 1, "has no address"),
-            ("ok 198.51.100.1\nedge-b 300.1.2.3\n", 2, "not an IPv4 or IPv6 address"),
+            (
+                "ok 198.51.100.1\nedge-b 300.1.2.3\n",
+                2,
+                "not an IPv4 or IPv6 address",
+            ),
             ("Edge_A 198.51.100.1\n", 1, "not a valid node name"),
             ("a 198.51.100.1\na 198.51.100.2\n", 2, "listed twice"),
             ("a 127.0.0.1\n", 1, "loopback"),
@@ -197,14 +232,19 @@ mod tests {
         for (text, line, reason) in cases {
             let e = parse(text).unwrap_err();
             let msg = e.to_string();
-            assert!(msg.starts_with(&format!("nodes.txt:{line}: ")), "{text:?}: {msg}");
+            assert!(
+                msg.starts_with(&format!("nodes.txt:{line}: ")),
+                "{text:?}: {msg}"
+            );
             assert!(msg.contains(reason), "{text:?}: {msg}");
         }
     }
 
     #[test]
     fn word_conversion_round_trips() {
-        let b: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
+        let b: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12,
+        ];
         assert_eq!(words_to_bytes(&ip6_words(&b)), b);
     }
 }

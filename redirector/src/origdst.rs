@@ -33,6 +33,10 @@ pub struct OriginalDst {
 /// Handle on the pinned `ORIG_BY_TUPLE` map. Cheap to keep; one per ingress.
 pub struct OrigDstTable {
     map: HashMap<MapData, SockTuple, OrigDst>,
+    /// Second handle for the one-syscall lookup-and-delete (aya does not offer it).
+    raw: MapData,
+    /// Cleared when the kernel lacks lookup-and-delete for this map type (before 5.14).
+    atomic_take: bool,
 }
 
 fn words(ip: IpAddr) -> [u32; 4] {
@@ -47,15 +51,24 @@ impl OrigDstTable {
         let data = open_map(pin_dir, map_names::ORIG_BY_TUPLE)?;
         let map = HashMap::try_from(Map::LruHashMap(data))
             .map_err(|e| Error::ebpf("ORIG_BY_TUPLE has an unexpected layout", e))?;
-        Ok(Self { map })
+        let raw = open_map(pin_dir, map_names::ORIG_BY_TUPLE)?;
+        Ok(Self {
+            map,
+            raw,
+            atomic_take: true,
+        })
     }
 
     /// Takes the original destination of an accepted stream (`None`: not redirected, or its
     /// entry was evicted; the ingress must refuse it).
     pub fn take_for_stream(&mut self, stream: &impl AsFd) -> Result<Option<OriginalDst>> {
         let sock = socket2::SockRef::from(stream);
-        let peer = sock.peer_addr().map_err(|e| Error::io("getpeername on accepted stream", e))?;
-        let local = sock.local_addr().map_err(|e| Error::io("getsockname on accepted stream", e))?;
+        let peer = sock
+            .peer_addr()
+            .map_err(|e| Error::io("getpeername on accepted stream", e))?;
+        let local = sock
+            .local_addr()
+            .map_err(|e| Error::io("getsockname on accepted stream", e))?;
         match (peer.as_socket(), local.as_socket()) {
             (Some(peer), Some(local)) => self.take(peer, local),
             _ => Ok(None),
@@ -70,22 +83,49 @@ impl OrigDstTable {
             client_port: peer.port(),
             ingress_port: local.port(),
         };
-        let orig = match self.map.get(&key, 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(Error::ebpf("reading ORIG_BY_TUPLE", e)),
+        let Some(orig) = self.take_entry(&key)? else {
+            return Ok(None);
         };
-        // Delete what we consumed; a concurrent eviction is fine.
-        match self.map.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => tracing::warn!("could not delete a consumed ORIG_BY_TUPLE entry: {e}"),
-        }
         let ip = IpAddr::from(words_to_bytes(&orig.ip)).to_canonical();
         Ok(Some(OriginalDst {
             addr: SocketAddr::new(ip, orig.port),
             from_pod: orig.flags & orig_flags::FROM_POD != 0,
             ambiguous: orig.flags & orig_flags::AMBIGUOUS != 0,
         }))
+    }
+
+    fn take_entry(&mut self, key: &SockTuple) -> Result<Option<OrigDst>> {
+        if self.atomic_take {
+            match crate::sys::map_lookup_and_delete::<SockTuple, OrigDst>(
+                self.raw.fd().as_fd(),
+                key,
+            ) {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL) | Some(crate::maps::ENOTSUPP)
+                    ) =>
+                {
+                    tracing::info!(
+                        "kernel lacks BPF_MAP_LOOKUP_AND_DELETE_ELEM for LRU maps; using lookup + delete"
+                    );
+                    self.atomic_take = false;
+                }
+                Err(e) => return Err(Error::io("taking an ORIG_BY_TUPLE entry", e)),
+            }
+        }
+        let orig = match self.map.get(key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(Error::ebpf("reading ORIG_BY_TUPLE", e)),
+        };
+        // Delete what we consumed; a concurrent eviction is fine.
+        match self.map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => tracing::warn!("could not delete a consumed ORIG_BY_TUPLE entry: {e}"),
+        }
+        Ok(Some(orig))
     }
 
     /// Entries waiting to be taken (for status; walks the map).

@@ -37,10 +37,12 @@ impl RunConfig {
     /// Checks what can be checked before touching the kernel.
     pub fn validate(&self) -> Result<()> {
         let family = |a: &Option<SocketAddr>, v6: bool, flag: &str| match a {
-            Some(a) if a.is_ipv6() != v6 || a.port() == 0 || a.ip().is_unspecified() => Err(Error::Config(format!(
-                "{flag} {a}: expected a specific {} address with a non-zero port",
-                if v6 { "IPv6" } else { "IPv4" }
-            ))),
+            Some(a) if a.is_ipv6() != v6 || a.port() == 0 || a.ip().is_unspecified() => {
+                Err(Error::Config(format!(
+                    "{flag} {a}: expected a specific {} address with a non-zero port",
+                    if v6 { "IPv6" } else { "IPv4" }
+                )))
+            }
             _ => Ok(()),
         };
         family(&self.host_ingress4, false, "--host-ingress")?;
@@ -48,13 +50,19 @@ impl RunConfig {
         family(&self.host_ingress6, true, "--host-ingress6")?;
         family(&self.pod_ingress6, true, "--pod-ingress6")?;
         if self.host_ingress4.is_none() && self.pod_ingress4.is_none() {
-            return Err(Error::Config("neither --host-ingress nor --pod-ingress is set: nothing to redirect to".into()));
+            return Err(Error::Config(
+                "neither --host-ingress nor --pod-ingress is set: nothing to redirect to".into(),
+            ));
         }
         if self.ports.is_empty() || self.ports.contains(&0) {
-            return Err(Error::Config("--ports must list at least one port, none of them 0".into()));
+            return Err(Error::Config(
+                "--ports must list at least one port, none of them 0".into(),
+            ));
         }
         if self.install.max_node_addresses == 0 {
-            return Err(Error::Config("--max-node-addresses must be at least 1".into()));
+            return Err(Error::Config(
+                "--max-node-addresses must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -68,13 +76,20 @@ fn ingress(a: Option<SocketAddr>) -> Ingress {
             port: v4.port(),
             _pad: 0,
         },
-        Some(SocketAddr::V6(v6)) => Ingress { ip: ip6_words(&v6.ip().octets()), port: v6.port(), _pad: 0 },
+        Some(SocketAddr::V6(v6)) => Ingress {
+            ip: ip6_words(&v6.ip().octets()),
+            port: v6.port(),
+            _pad: 0,
+        },
     }
 }
 
 fn kernel_config(cfg: &RunConfig) -> Result<Config> {
     let host_netns_cookie = sys::current_netns_cookie().map_err(|e| {
-        Error::io("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14+)", e)
+        Error::io(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14+)",
+            e,
+        )
     })?;
     Ok(Config {
         host_netns_cookie,
@@ -119,7 +134,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     maps.set_ports(&cfg.ports)?;
     apply_node_table(&mut maps, &cfg)?;
     if let Some(ready) = &cfg.ready_file {
-        std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
+        std::fs::write(ready, b"ready\n")
+            .map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
     }
     tracing::info!(ports = ?cfg.ports, "redirector ready");
 

@@ -4,12 +4,7 @@ use std::{fmt, net::SocketAddr, os::fd::AsFd, path::Path};
 use redirector_common::{Ingress, counter, program_names};
 
 use crate::{
-    cgroup,
-    error::Result,
-    loader::link_pin,
-    maps::PinnedMaps,
-    node_table::words_to_bytes,
-    sys,
+    cgroup, error::Result, loader::link_pin, maps::PinnedMaps, node_table::words_to_bytes, sys,
 };
 
 #[derive(Debug, serde::Serialize)]
@@ -39,7 +34,12 @@ pub struct Status {
 
 /// The socket address of an ingress slot, None if unset.
 pub fn ingress_addr(i: &Ingress) -> Option<SocketAddr> {
-    (i.port != 0).then(|| SocketAddr::new(std::net::IpAddr::from(words_to_bytes(&i.ip)).to_canonical(), i.port))
+    (i.port != 0).then(|| {
+        SocketAddr::new(
+            std::net::IpAddr::from(words_to_bytes(&i.ip)).to_canonical(),
+            i.port,
+        )
+    })
 }
 
 pub fn status(pin_dir: &Path) -> Result<Status> {
@@ -47,7 +47,9 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
     let mut programs = Vec::new();
     let mut cgroup_id = None;
     for name in program_names::ALL {
-        let info = sys::obj_get(&link_pin(pin_dir, name)).and_then(|fd| sys::link_info(fd.as_fd())).ok();
+        let info = sys::obj_get(&link_pin(pin_dir, name))
+            .and_then(|fd| sys::link_info(fd.as_fd()))
+            .ok();
         if let Some(i) = info.filter(|i| i.cgroup_id != 0) {
             cgroup_id.get_or_insert(i.cgroup_id);
         }
@@ -64,7 +66,9 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
     Ok(Status {
         pin_dir: pin_dir.display().to_string(),
         cgroup_id,
-        cgroup_path: cgroup_id.and_then(cgroup::path_of_cgroup_id).map(|p| p.display().to_string()),
+        cgroup_path: cgroup_id
+            .and_then(cgroup::path_of_cgroup_id)
+            .map(|p| p.display().to_string()),
         programs,
         node_addresses_v4: v4,
         node_addresses_v6: v6,
@@ -84,7 +88,10 @@ impl fmt::Display for Status {
         match (self.cgroup_id, &self.cgroup_path) {
             (Some(id), Some(p)) => writeln!(f, "attached to: {p} (cgroup id {id})")?,
             (Some(id), None) => writeln!(f, "attached to: cgroup id {id}")?,
-            _ => writeln!(f, "attached to: NOTHING (no live link; run `redirector run`)")?,
+            _ => writeln!(
+                f,
+                "attached to: NOTHING (no live link; run `redirector run`)"
+            )?,
         }
         writeln!(f, "programs:")?;
         for p in &self.programs {
@@ -98,11 +105,21 @@ impl fmt::Display for Status {
                 _ => writeln!(f, "  {:<20} not installed", p.name)?,
             }
         }
-        writeln!(f, "nodes:       {} IPv4 + {} IPv6 addresses", self.node_addresses_v4, self.node_addresses_v6)?;
+        writeln!(
+            f,
+            "nodes:       {} IPv4 + {} IPv6 addresses",
+            self.node_addresses_v4, self.node_addresses_v6
+        )?;
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
         writeln!(f, "ports:       {}", ports.join(", "))?;
-        writeln!(f, "ingress:     host {} / pod {} (IPv4); host {} / pod {} (IPv6)",
-            opt(&self.host_ingress4), opt(&self.pod_ingress4), opt(&self.host_ingress6), opt(&self.pod_ingress6))?;
+        writeln!(
+            f,
+            "ingress:     host {} / pod {} (IPv4); host {} / pod {} (IPv6)",
+            opt(&self.host_ingress4),
+            opt(&self.pod_ingress4),
+            opt(&self.host_ingress6),
+            opt(&self.pod_ingress6)
+        )?;
         writeln!(f, "counters:")?;
         for (k, v) in &self.counters {
             writeln!(f, "  {k:<22} {v}")?;

@@ -13,6 +13,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -23,9 +24,18 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly sized, initialised bpf_attr prefix for `cmd`; the kernel
     // reads (and for OBJ_GET_INFO writes through a pointer we own) only `size_of::<T>()` bytes.
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>(),
+        )
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 #[repr(C)]
@@ -44,10 +54,43 @@ struct ObjGetAttr {
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and deletes one entry in a single syscall (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash
+/// maps since Linux 5.14). Ok(None): no such key.
+pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 #[repr(C)]
@@ -65,7 +108,11 @@ struct BatchAttr {
 
 /// Writes many entries in one syscall (`BPF_MAP_UPDATE_BATCH`, Linux 5.6+ for hash maps).
 /// Returns how many were written before an error, with the error.
-pub fn map_update_batch<K: Copy, V: Copy>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> (usize, io::Result<()>) {
+pub fn map_update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
     assert_eq!(keys.len(), values.len(), "one value per key");
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
@@ -105,7 +152,9 @@ struct LinkDetachAttr {
 
 /// Detaches a link from its hook now, even if other fds or pins still reference it.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32 };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
@@ -156,7 +205,11 @@ pub fn netns_cookie_of(sock: BorrowedFd<'_>) -> io::Result<u64> {
             &mut len,
         )
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(cookie) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
 }
 
 /// The cookie of the calling thread's network namespace.
@@ -178,6 +231,7 @@ mod tests {
         assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(size_of::<InfoAttr>(), 16);
         assert_eq!(size_of::<BatchAttr>(), 56);
+        assert_eq!(size_of::<ElemAttr>(), 32);
         // bpf_link_info: type, id, prog_id, then an 8-aligned union; cgroup_id is at 16.
         assert_eq!(std::mem::offset_of!(LinkInfo, cgroup_id), 16);
         assert_eq!(std::mem::offset_of!(LinkInfo, attach_type), 24);

@@ -26,7 +26,8 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
         if !path.exists() {
             continue;
         }
-        let link = sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let link =
+            sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         match sys::link_detach(link.as_fd()) {
             Ok(()) => removed.links_detached += 1,
             // Already detached (e.g. its cgroup was removed): nothing to undo.
@@ -41,13 +42,20 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
     for name in map_names::ALL {
         remove_pin(&pin_dir.join(name), &mut removed)?;
     }
-    for dir in [pin_dir.join("links"), pin_dir.join("programs"), pin_dir.to_owned()] {
+    for dir in [
+        pin_dir.join("links"),
+        pin_dir.join("programs"),
+        pin_dir.to_owned(),
+    ] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(Error::io(
-                    format!("removing {} (something else is pinned there; remove it by hand)", dir.display()),
+                    format!(
+                        "removing {} (something else is pinned there; remove it by hand)",
+                        dir.display()
+                    ),
                     e,
                 ));
             }

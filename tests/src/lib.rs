@@ -42,13 +42,21 @@ pub const POD_INGRESS_IP: &str = "203.0.113.1";
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load eBPF programs and build network namespaces: run them as root (`sudo cargo xtask test`)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load eBPF programs and build network namespaces: run them as root (`sudo cargo xtask test`)"
+    );
 }
 
 /// Short unique names: interface names are limited to 15 bytes.
 fn unique_id() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub struct World {
@@ -85,8 +93,27 @@ impl World {
         let master = Netns::new(&format!("rt{id}m"));
         let edge = Netns::new(&format!("rt{id}e"));
         let pod = Netns::new(&format!("rt{id}p"));
-        netns::veth(&master, "me", &["198.51.100.1/24"], &edge, "em", &["198.51.100.10/24", "198.51.100.11/24", "198.51.100.12/24", "198.51.100.99/24"]);
-        netns::veth(&master, "mp", &["203.0.113.1/24"], &pod, "pm", &["203.0.113.2/24"]);
+        netns::veth(
+            &master,
+            "me",
+            &["198.51.100.1/24"],
+            &edge,
+            "em",
+            &[
+                "198.51.100.10/24",
+                "198.51.100.11/24",
+                "198.51.100.12/24",
+                "198.51.100.99/24",
+            ],
+        );
+        netns::veth(
+            &master,
+            "mp",
+            &["203.0.113.1/24"],
+            &pod,
+            "pm",
+            &["203.0.113.2/24"],
+        );
         let cgroup = TestCgroup::new(&format!("redirector-test-{id}"));
         let node_table = dir.join("nodes.txt");
         fs::write(&node_table, NODE_TABLE).expect("node table");
@@ -96,7 +123,10 @@ impl World {
         {
             let _in_edge = edge.enter();
             for port in EDGE_PORTS {
-                servers::edge(servers::listen(SocketAddr::from(([0, 0, 0, 0], port))), edge_log.clone());
+                servers::edge(
+                    servers::listen(SocketAddr::from(([0, 0, 0, 0], port))),
+                    edge_log.clone(),
+                );
             }
         }
         let (ingress_log, pod_ingress_log) = (servers::Log::default(), servers::Log::default());
@@ -133,13 +163,31 @@ impl World {
 
     /// Runs `probe` with `args` in the test cgroup (and optionally another namespace than
     /// master) and returns its stdout parsed as JSON.
-    pub fn probe(&self, in_cgroup: bool, netns: Option<&Netns>, args: &[&str]) -> serde_json::Value {
+    pub fn probe(
+        &self,
+        in_cgroup: bool,
+        netns: Option<&Netns>,
+        args: &[&str],
+    ) -> serde_json::Value {
         let mut cmd = Command::new(env_bin("probe"));
         cmd.args(args);
-        spawn::place(&mut cmd, in_cgroup.then_some(&self.cgroup), Some(netns.unwrap_or(&self.master)));
+        spawn::place(
+            &mut cmd,
+            in_cgroup.then_some(&self.cgroup),
+            Some(netns.unwrap_or(&self.master)),
+        );
         let out = cmd.output().expect("spawn probe");
-        assert!(out.status.success(), "probe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("probe output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "probe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "probe output {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Runs the redirector CLI (not `run`) against this world's pins.
@@ -182,14 +230,21 @@ impl RedirectorProc {
         let log_file = world.dir.join(format!("redirector-{}.log", unique_id()));
         let log = fs::File::create(&log_file).expect("log file");
         let mut cmd = Command::new(spawn::workspace_bin("redirector"));
-        cmd.arg("--pin-dir").arg(&world.pin_dir)
+        cmd.arg("--pin-dir")
+            .arg(&world.pin_dir)
             .arg("run")
-            .arg("--cgroup").arg(&world.cgroup.path)
-            .arg("--node-table").arg(&world.node_table)
-            .arg("--host-ingress").arg(world.host_ingress.to_string())
-            .arg("--pod-ingress").arg(world.pod_ingress.to_string())
-            .arg("--ready-file").arg(&ready_file)
-            .arg("--reload-interval").arg("0.2")
+            .arg("--cgroup")
+            .arg(&world.cgroup.path)
+            .arg("--node-table")
+            .arg(&world.node_table)
+            .arg("--host-ingress")
+            .arg(world.host_ingress.to_string())
+            .arg("--pod-ingress")
+            .arg(world.pod_ingress.to_string())
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .arg("--reload-interval")
+            .arg("0.2")
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -199,12 +254,23 @@ impl RedirectorProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready_file.exists() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("redirector exited ({status}) before ready:\n{}", fs::read_to_string(&log_file).unwrap_or_default());
+                panic!(
+                    "redirector exited ({status}) before ready:\n{}",
+                    fs::read_to_string(&log_file).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "redirector not ready in 30 s:\n{}", fs::read_to_string(&log_file).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "redirector not ready in 30 s:\n{}",
+                fs::read_to_string(&log_file).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Self { child, ready_file, log_file }
+        Self {
+            child,
+            ready_file,
+            log_file,
+        }
     }
 
     pub fn log(&self) -> String {

@@ -8,8 +8,16 @@ use std::{
 
 /// Runs a command and panics with its output if it fails: test setup must not half-succeed.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -22,7 +30,9 @@ impl Netns {
         // A leftover from a killed earlier run of the same name would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         sh(&["ip", "netns", "add", name]);
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -45,18 +55,29 @@ impl Netns {
     /// Moves the calling thread into this namespace until the guard drops. Sockets created
     /// meanwhile stay in it.
     pub fn enter(&self) -> NetnsGuard {
-        let previous: OwnedFd = File::open("/proc/thread-self/ns/net").expect("own netns").into();
+        let previous: OwnedFd = File::open("/proc/thread-self/ns/net")
+            .expect("own netns")
+            .into();
         let target = self.open();
         // SAFETY: setns on valid fds; affects only this thread.
         let r = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns into {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "setns into {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
         NetnsGuard { previous }
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = Command::new("ip").args(["netns", "del", &self.name]).output() {
+        if let Err(e) = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
             eprintln!("cleanup: ip netns del {}: {e}", self.name);
         }
     }
@@ -71,14 +92,20 @@ impl Drop for NetnsGuard {
         // SAFETY: returning this thread to the namespace it came from.
         let r = unsafe { libc::setns(self.previous.as_raw_fd(), libc::CLONE_NEWNET) };
         if r != 0 {
-            eprintln!("cleanup: setns back failed: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "cleanup: setns back failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
 
 /// Joins two namespaces with a veth pair and gives each end an address (CIDR notation).
 pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
-    sh(&["ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    sh(&[
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ]);
     for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
         for addr in addrs {
             ns.ip(&["addr", "add", addr, "dev", ifname]);

@@ -24,7 +24,6 @@ pub struct Accepted {
 #[derive(Clone, Default)]
 pub struct Log(Arc<Mutex<Vec<Accepted>>>);
 
-
 impl Log {
     pub fn all(&self) -> Vec<Accepted> {
         self.0.lock().unwrap().clone()
@@ -42,12 +41,17 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
     s.set_reuse_address(true).expect("SO_REUSEADDR");
-    s.bind(&addr.into()).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     s.listen(4096).expect("listen");
     s.into()
 }
 
-fn serve(listener: TcpListener, log: Log, label: impl Fn(&TcpStream) -> String + Send + Sync + 'static) {
+fn serve(
+    listener: TcpListener,
+    log: Log,
+    label: impl Fn(&TcpStream) -> String + Send + Sync + 'static,
+) {
     let label = Arc::new(label);
     thread::spawn(move || {
         for conn in listener.incoming() {
@@ -61,7 +65,10 @@ fn serve(listener: TcpListener, log: Log, label: impl Fn(&TcpStream) -> String +
                 let mut token = String::new();
                 let _ = r.read_line(&mut token);
                 let token = token.trim().to_owned();
-                log.0.lock().unwrap().push(Accepted { token, label: l.clone() });
+                log.0.lock().unwrap().push(Accepted {
+                    token,
+                    label: l.clone(),
+                });
                 let _ = (&conn).write_all(format!("{l}\n").as_bytes());
             });
         }

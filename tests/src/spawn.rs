@@ -20,14 +20,21 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` (or `cargo xtask test`)", path.display());
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` (or `cargo xtask test`)",
+        path.display()
+    );
     path
 }
 
 /// Makes `cmd` start inside `cgroup` and `netns` (either optional).
 pub fn place(cmd: &mut Command, cgroup: Option<&TestCgroup>, netns: Option<&Netns>) {
     let procs: Option<File> = cgroup.map(|cg| {
-        OpenOptions::new().write(true).open(cg.procs_file()).unwrap_or_else(|e| panic!("open {}: {e}", cg.procs_file().display()))
+        OpenOptions::new()
+            .write(true)
+            .open(cg.procs_file())
+            .unwrap_or_else(|e| panic!("open {}: {e}", cg.procs_file().display()))
     });
     let ns: Option<File> = netns.map(Netns::open);
     // SAFETY: the closure only makes async-signal-safe syscalls (write, setns) on fds opened

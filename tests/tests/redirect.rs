@@ -14,27 +14,45 @@ fn ingress_label(target: &str, pod: bool) -> String {
 fn redirects_node_ports_and_leaves_everything_else_alone() {
     let w = World::new();
     let _r = w.start_redirector(&[]);
-    let v = w.probe(true, None, &[
-        "connect",
-        "198.51.100.10:10250",
-        "198.51.100.11:10255",
-        "198.51.100.12:10350",
-        "198.51.100.10:80",
-        "198.51.100.99:10250",
-    ]);
+    let v = w.probe(
+        true,
+        None,
+        &[
+            "connect",
+            "198.51.100.10:10250",
+            "198.51.100.11:10255",
+            "198.51.100.12:10350",
+            "198.51.100.10:80",
+            "198.51.100.99:10250",
+        ],
+    );
     let got = replies(&v);
     for (target, reply, peer) in &got[..3] {
         assert_eq!(reply, &ingress_label(target, false), "{v}");
         // getpeername shows the address the client dialled, not the ingress.
         assert_eq!(peer.as_deref(), Some(target.as_str()), "{v}");
     }
-    assert_eq!(got[3].1, "edge 198.51.100.10:80", "other port untouched: {v}");
-    assert_eq!(got[4].1, "edge 198.51.100.99:10250", "other IP untouched: {v}");
+    assert_eq!(
+        got[3].1, "edge 198.51.100.10:80",
+        "other port untouched: {v}"
+    );
+    assert_eq!(
+        got[4].1, "edge 198.51.100.99:10250",
+        "other IP untouched: {v}"
+    );
 
     // A process outside the cgroup is untouched even for a node port.
     let outside = w.probe(false, None, &["connect", "198.51.100.10:10250"]);
-    assert_eq!(replies(&outside)[0].1, "edge 198.51.100.10:10250", "{outside}");
-    assert_eq!(w.ingress_log.len(), 3, "exactly the three node connections reached the ingress");
+    assert_eq!(
+        replies(&outside)[0].1,
+        "edge 198.51.100.10:10250",
+        "{outside}"
+    );
+    assert_eq!(
+        w.ingress_log.len(),
+        3,
+        "exactly the three node connections reached the ingress"
+    );
 }
 
 #[test]
@@ -43,14 +61,23 @@ fn thousand_concurrent_connections_each_recover_their_own_destination() {
     let _r = w.start_redirector(&[]);
     let nodes = ["198.51.100.10", "198.51.100.11", "198.51.100.12"];
     let ports = ["10250", "10255", "10350"];
-    let targets: Vec<String> = (0..1000).map(|i| format!("{}:{}", nodes[i % 3], ports[(i / 3) % 3])).collect();
+    let targets: Vec<String> = (0..1000)
+        .map(|i| format!("{}:{}", nodes[i % 3], ports[(i / 3) % 3]))
+        .collect();
     let mut args = vec!["connect"];
     args.extend(targets.iter().map(String::as_str));
     let v = w.probe(true, None, &args);
     let got = replies(&v);
     assert_eq!(got.len(), 1000);
-    let wrong: Vec<_> = got.iter().filter(|(t, reply, _)| reply != &ingress_label(t, false)).take(5).collect();
-    assert!(wrong.is_empty(), "connections whose recovered destination is not what they dialled: {wrong:?}");
+    let wrong: Vec<_> = got
+        .iter()
+        .filter(|(t, reply, _)| reply != &ingress_label(t, false))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "connections whose recovered destination is not what they dialled: {wrong:?}"
+    );
     assert_eq!(w.ingress_log.len(), 1000);
     assert!(w.edge_log.is_empty(), "escaped: {:?}", w.edge_log.all());
 }
@@ -69,13 +96,20 @@ fn ipv4_mapped_connect6_is_redirected_and_getpeername6_shows_the_dialled_address
 fn client_in_another_network_namespace_reaches_the_pod_ingress() {
     let w = World::new();
     let _r = w.start_redirector(&[]);
-    let v = w.probe(true, Some(&w.pod), &["connect", "198.51.100.10:10250", "198.51.100.12:10255"]);
+    let v = w.probe(
+        true,
+        Some(&w.pod),
+        &["connect", "198.51.100.10:10250", "198.51.100.12:10255"],
+    );
     for (target, reply, peer) in replies(&v) {
         assert_eq!(reply, ingress_label(&target, true), "{v}");
         assert_eq!(peer.as_deref(), Some(target.as_str()));
     }
     assert_eq!(w.pod_ingress_log.len(), 2);
-    assert!(w.ingress_log.is_empty(), "a pod must not be sent to its own loopback");
+    assert!(
+        w.ingress_log.is_empty(),
+        "a pod must not be sent to its own loopback"
+    );
 }
 
 #[test]
@@ -83,16 +117,32 @@ fn port_added_and_removed_at_run_time_applies_to_new_connections() {
     let w = World::new();
     let _r = w.start_redirector(&[]);
     let target = "198.51.100.10:9100";
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, "edge 198.51.100.10:9100");
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        "edge 198.51.100.10:9100"
+    );
 
     let out = w.cli(&["ports", "add", "9100"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "9100,10250,10255,10350");
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, ingress_label(target, false));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "9100,10250,10255,10350"
+    );
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        ingress_label(target, false)
+    );
 
     let out = w.cli(&["ports", "remove", "9100"]);
     assert!(out.status.success());
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, "edge 198.51.100.10:9100");
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        "edge 198.51.100.10:9100"
+    );
 }
 
 #[test]
@@ -100,34 +150,70 @@ fn node_table_edits_apply_without_restart_and_bad_edits_keep_the_last_good_table
     let w = World::new();
     let r = w.start_redirector(&[]);
     let target = "198.51.100.99:10250";
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, "edge 198.51.100.99:10250");
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        "edge 198.51.100.99:10250"
+    );
 
-    std::fs::write(&w.node_table, format!("{}edge-d 198.51.100.99\n", redirector_tests::NODE_TABLE)).unwrap();
-    wait_for(|| r.log().matches("node table applied").count() >= 2, "reload after edit");
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, ingress_label(target, false));
+    std::fs::write(
+        &w.node_table,
+        format!("{}edge-d 198.51.100.99\n", redirector_tests::NODE_TABLE),
+    )
+    .unwrap();
+    wait_for(
+        || r.log().matches("node table applied").count() >= 2,
+        "reload after edit",
+    );
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        ingress_label(target, false)
+    );
 
     std::fs::write(&w.node_table, "edge-a 198.51.100.10\nedge-b not-an-ip\n").unwrap();
-    wait_for(|| r.log().contains("node table not applied"), "rejection of the bad edit");
-    assert!(r.log().contains("nodes.txt:2:"), "error names file and line: {}", r.log());
-    assert_eq!(replies(&w.probe(true, None, &["connect", target]))[0].1, ingress_label(target, false), "last good table kept");
+    wait_for(
+        || r.log().contains("node table not applied"),
+        "rejection of the bad edit",
+    );
+    assert!(
+        r.log().contains("nodes.txt:2:"),
+        "error names file and line: {}",
+        r.log()
+    );
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", target]))[0].1,
+        ingress_label(target, false),
+        "last good table kept"
+    );
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn status_json(w: &World) -> serde_json::Value {
     let out = w.cli(&["status", "--json"]);
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 fn ids(status: &serde_json::Value, field: &str) -> Vec<u64> {
-    status["programs"].as_array().unwrap().iter().map(|p| p[field].as_u64().expect(field)).collect()
+    status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[field].as_u64().expect(field))
+        .collect()
 }
 
 #[test]
@@ -139,7 +225,10 @@ fn sigkill_during_a_connect_loop_lets_nothing_escape_and_the_restart_adopts_the_
     let mut cmd = Command::new(redirector_tests::env_bin("probe"));
     cmd.args(["loop", "198.51.100.11:10250", "--duration-ms", "3000"]);
     redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
-    let client = cmd.stdout(std::process::Stdio::piped()).spawn().expect("probe loop");
+    let client = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("probe loop");
 
     thread::sleep(Duration::from_millis(500));
     first.sigkill();
@@ -150,15 +239,37 @@ fn sigkill_during_a_connect_loop_lets_nothing_escape_and_the_restart_adopts_the_
 
     assert_eq!(summary["failed"], 0, "{summary}");
     let labels = summary["labels"].as_object().unwrap();
-    assert_eq!(labels.len(), 1, "every connection must reach the ingress: {summary}");
-    assert!(labels.contains_key(&ingress_label("198.51.100.11:10250", false)), "{summary}");
-    assert!(summary["ok"].as_u64().unwrap() > 50, "the loop made too few connections to mean anything: {summary}");
-    assert!(w.edge_log.is_empty(), "escaped during restart: {:?}", w.edge_log.all());
+    assert_eq!(
+        labels.len(),
+        1,
+        "every connection must reach the ingress: {summary}"
+    );
+    assert!(
+        labels.contains_key(&ingress_label("198.51.100.11:10250", false)),
+        "{summary}"
+    );
+    assert!(
+        summary["ok"].as_u64().unwrap() > 50,
+        "the loop made too few connections to mean anything: {summary}"
+    );
+    assert!(
+        w.edge_log.is_empty(),
+        "escaped during restart: {:?}",
+        w.edge_log.all()
+    );
 
     assert!(second.log().contains("adopted=[\"redirect_connect4\", \"redirect_connect6\", \"orig_getpeername4\", \"orig_getpeername6\", \"publish_sock_ops\"]"), "{}", second.log());
     let after = status_json(&w);
-    assert_eq!(ids(&before, "link_id"), ids(&after, "link_id"), "the same links stay attached");
-    assert_ne!(ids(&before, "program_id"), ids(&after, "program_id"), "the new process swapped its programs in");
+    assert_eq!(
+        ids(&before, "link_id"),
+        ids(&after, "link_id"),
+        "the same links stay attached"
+    );
+    assert_ne!(
+        ids(&before, "program_id"),
+        ids(&after, "program_id"),
+        "the new process swapped its programs in"
+    );
 }
 
 #[test]
@@ -170,23 +281,56 @@ fn uninstall_removes_every_program_link_and_pin_even_while_run_is_alive() {
     assert_eq!(links.len(), 5);
 
     let out = w.cli(&["uninstall"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("detached 5 links"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached 5 links"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(!w.pin_dir.exists(), "pin directory left behind");
 
-    let bpftool = Command::new("bpftool").args(["cgroup", "show"]).arg(&w.cgroup.path).arg("-j").output().expect("bpftool (installed by scripts/setup.sh)");
-    let attached: serde_json::Value = serde_json::from_slice(&bpftool.stdout).unwrap_or(serde_json::json!([]));
-    assert_eq!(attached.as_array().map_or(0, Vec::len), 0, "still attached: {attached}");
-    let live_links: Vec<u64> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| u64::from(l.id())).collect();
-    assert!(links.iter().all(|l| !live_links.contains(l)), "links still exist: {links:?}");
+    let bpftool = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&w.cgroup.path)
+        .arg("-j")
+        .output()
+        .expect("bpftool (installed by scripts/setup.sh)");
+    let attached: serde_json::Value =
+        serde_json::from_slice(&bpftool.stdout).unwrap_or(serde_json::json!([]));
+    assert_eq!(
+        attached.as_array().map_or(0, Vec::len),
+        0,
+        "still attached: {attached}"
+    );
+    let live_links: Vec<u64> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| u64::from(l.id()))
+        .collect();
+    assert!(
+        links.iter().all(|l| !live_links.contains(l)),
+        "links still exist: {links:?}"
+    );
     // The running process still holds its program fds; they are detached (above) and go
     // when it exits. Kill it and check the programs are gone from the kernel.
     drop(_running);
-    let live_progs: Vec<u64> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| u64::from(p.id())).collect();
-    assert!(progs.iter().all(|p| !live_progs.contains(p)), "programs still loaded: {progs:?}");
+    let live_progs: Vec<u64> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| u64::from(p.id()))
+        .collect();
+    assert!(
+        progs.iter().all(|p| !live_progs.contains(p)),
+        "programs still loaded: {progs:?}"
+    );
 
     // And connections are plain again.
-    assert_eq!(replies(&w.probe(true, None, &["connect", "198.51.100.10:10250"]))[0].1, "edge 198.51.100.10:10250");
+    assert_eq!(
+        replies(&w.probe(true, None, &["connect", "198.51.100.10:10250"]))[0].1,
+        "edge 198.51.100.10:10250"
+    );
     let again = w.cli(&["uninstall"]);
     assert!(again.status.success(), "uninstall is idempotent");
 }
@@ -194,27 +338,50 @@ fn uninstall_removes_every_program_link_and_pin_even_while_run_is_alive() {
 #[test]
 fn bad_input_is_refused_with_file_line_and_fix_and_installs_nothing() {
     let w = World::new();
-    std::fs::write(&w.node_table, "edge-a 198.51.100.10\nedge-b 198.51.100.300\n").unwrap();
+    std::fs::write(
+        &w.node_table,
+        "edge-a 198.51.100.10\nedge-b 198.51.100.300\n",
+    )
+    .unwrap();
     let out = Command::new(redirector_tests::spawn::workspace_bin("redirector"))
-        .arg("--pin-dir").arg(&w.pin_dir)
-        .args(["run", "--node-table"]).arg(&w.node_table)
-        .arg("--cgroup").arg(&w.cgroup.path)
+        .arg("--pin-dir")
+        .arg(&w.pin_dir)
+        .args(["run", "--node-table"])
+        .arg(&w.node_table)
+        .arg("--cgroup")
+        .arg(&w.cgroup.path)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("nodes.txt:2: node \"edge-b\": \"198.51.100.300\" is not an IPv4 or IPv6 address"), "{err}");
+    assert!(
+        err.contains(
+            "nodes.txt:2: node \"edge-b\": \"198.51.100.300\" is not an IPv4 or IPv6 address"
+        ),
+        "{err}"
+    );
     assert!(!w.pin_dir.exists(), "a refused start must not leave pins");
 
     let out = Command::new(redirector_tests::spawn::workspace_bin("redirector"))
-        .arg("--pin-dir").arg(&w.pin_dir)
-        .args(["run", "--node-table"]).arg(&w.node_table)
+        .arg("--pin-dir")
+        .arg(&w.pin_dir)
+        .args(["run", "--node-table"])
+        .arg(&w.node_table)
         .args(["--cgroup", "/tmp"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory inside the cgroup v2 mount"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("is not a directory inside the cgroup v2 mount"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = w.cli(&["status"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not installed: no pins in"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not installed: no pins in"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

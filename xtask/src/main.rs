@@ -1,1 +1,141 @@
-fn main() {}
+//! `cargo xtask <task>`: lint, test, bench, demo.
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The nightly that builds the eBPF crate (see scripts/setup.sh for why this one).
+const BPF_TOOLCHAIN: &str = "nightly-2026-08-05";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// fmt check, clippy -D warnings on the host crates, clippy on the eBPF crate.
+    Lint,
+    /// Lint, build every binary, run every test (root: the end-to-end tests load eBPF).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark (release build): `redirect`.
+    Bench {
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the local demo (release build).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate in its own pass: its target and toolchain differ from the host's.
+    let toolchain =
+        std::env::var("REDIRECTOR_BPF_TOOLCHAIN").unwrap_or_else(|_| BPF_TOOLCHAIN.into());
+    run(Command::new("cargo")
+        .arg(format!("+{toolchain}"))
+        .args([
+            "clippy",
+            "-p",
+            "redirector-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        // Do not let the host toolchain's cargo leak into the nightly invocation.
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one summary line over every
+/// test binary (cargo prints one "test result" per binary, the last often a 0-test doc run).
+fn test_with_summary(args: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = cargo();
+    cmd.arg("test")
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd.spawn().context("spawning cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut it = part.split_whitespace();
+                if let (Some(n), Some(what)) =
+                    (it.next().and_then(|n| n.parse::<u64>().ok()), it.next())
+                {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Lint => lint(),
+        Task::Test { args } => {
+            lint()?;
+            // The end-to-end tests start these binaries; `cargo test` alone builds only the
+            // binaries of the package under test.
+            run(cargo().args(["build", "--bins"]))?;
+            test_with_summary(&args)
+        }
+        Task::Bench { name, args } => {
+            let bin = match name.as_str() {
+                "redirect" => "bench-redirect",
+                other => bail!("unknown benchmark {other:?}; known: redirect"),
+            };
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            run(Command::new(format!("target/release/{bin}")).args(args))
+        }
+        Task::Demo { args } => {
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            run(Command::new("target/release/demo").args(args))
+        }
+    }
+}

@@ -43,7 +43,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum ClientCmd {
     /// Internal: the measuring client, started inside the right namespace/cgroup.
-    Client { target: SocketAddr, count: usize, warmup: usize },
+    Client {
+        target: SocketAddr,
+        count: usize,
+        warmup: usize,
+    },
 }
 
 const TARGET: &str = "198.51.100.10:10250";
@@ -113,7 +117,14 @@ struct Site {
 fn site(tag: &str, id: &str) -> Site {
     let ns = Netns::new(&format!("rb{id}{tag}"));
     let peer = Netns::new(&format!("rb{id}{tag}x"));
-    netns::veth(&ns, "b0", &["198.51.100.1/24"], &peer, "b1", &["198.51.100.10/24"]);
+    netns::veth(
+        &ns,
+        "b0",
+        &["198.51.100.1/24"],
+        &peer,
+        "b1",
+        &["198.51.100.10/24"],
+    );
     // Many short connections to one destination: let TIME_WAIT ports be reused.
     sysctl(&ns, "net.ipv4.tcp_tw_reuse=1");
     sysctl(&ns, "net.ipv4.ip_local_port_range=1024 65000");
@@ -141,16 +152,26 @@ fn dnat_rules(n: usize, port: u16) -> String {
     r.push_str("*nat\n:TUNNEL-PORT - [0:0]\n:TUNNEL-PORT-10250 - [0:0]\n");
     r.push_str("-A OUTPUT -p tcp -j TUNNEL-PORT\n-A TUNNEL-PORT -p tcp --dport 10250 -j TUNNEL-PORT-10250\n");
     for i in 1..=n {
-        r.push_str(&format!("-A TUNNEL-PORT-10250 -d {}/32 -j RETURN\n", filler(i)));
+        r.push_str(&format!(
+            "-A TUNNEL-PORT-10250 -d {}/32 -j RETURN\n",
+            filler(i)
+        ));
     }
-    r.push_str(&format!("-A TUNNEL-PORT-10250 -p tcp -j DNAT --to-destination 127.0.0.1:{port}\nCOMMIT\n"));
+    r.push_str(&format!(
+        "-A TUNNEL-PORT-10250 -p tcp -j DNAT --to-destination 127.0.0.1:{port}\nCOMMIT\n"
+    ));
     r
 }
 
 fn iptables_restore(ns: &Netns, flavour: &str, rules: &str) -> Result<Duration> {
     let t = Instant::now();
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, &format!("iptables-{flavour}-restore")])
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            &format!("iptables-{flavour}-restore"),
+        ])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("iptables-{flavour}-restore"))?;
@@ -162,7 +183,10 @@ fn iptables_restore(ns: &Netns, flavour: &str, rules: &str) -> Result<Duration> 
 
 fn iptables(ns: &Netns, flavour: &str, args: &[&str]) -> Result<Duration> {
     let t = Instant::now();
-    let st = Command::new("ip").args(["netns", "exec", &ns.name, &format!("iptables-{flavour}")]).args(args).status()?;
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.name, &format!("iptables-{flavour}")])
+        .args(args)
+        .status()?;
     ensure!(st.success(), "iptables-{flavour} {args:?} failed");
     Ok(t.elapsed())
 }
@@ -172,7 +196,11 @@ fn run_client(ns: &Netns, cg: Option<&TestCgroup>, target: &str, count: usize) -
     cmd.args(["client", target, &count.to_string(), "50"]);
     spawn::place(&mut cmd, cg, Some(ns));
     let out = cmd.output()?;
-    ensure!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut v: Vec<u64> = serde_json::from_slice(&out.stdout)?;
     v.sort_unstable();
     Ok(v)
@@ -193,12 +221,21 @@ fn us(ns: u64) -> f64 {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(ClientCmd::Client { target, count, warmup }) = cli.client {
+    if let Some(ClientCmd::Client {
+        target,
+        count,
+        warmup,
+    }) = cli.client
+    {
         return client(target, count, warmup);
     }
     redirector_tests::require_root();
     static N: AtomicU32 = AtomicU32::new(0);
-    let id = format!("{}{}", std::process::id() % 10_000, N.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "{}{}",
+        std::process::id() % 10_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    );
 
     // eBPF/direct site, and one site per iptables flavour (their own netfilter state).
     let ebpf_site = site("b", &id);
@@ -211,6 +248,11 @@ fn main() -> Result<()> {
     let direct_l = listen_in(&ebpf_site.ns);
     let direct_addr = direct_l.local_addr()?;
     echo_server(direct_l, None);
+    // Each variant has its own listener: a variant dialling the port the previous one just
+    // used would pay for port selection among its TIME_WAIT sockets, a cost not its own.
+    let redirect_l = listen_in(&ebpf_site.ns);
+    let redirect_addr = redirect_l.local_addr()?;
+    echo_server(redirect_l, None);
     let lookup_l = listen_in(&ebpf_site.ns);
     let lookup_addr = lookup_l.local_addr()?;
     let legacy_l = listen_in(&legacy_site.ns);
@@ -225,22 +267,36 @@ fn main() -> Result<()> {
     }
 
     let max_nodes = cli.nodes.iter().copied().max().unwrap_or(10).max(10_001) as u32 + 16;
-    let installed = loader::install(&loader::InstallOptions { cgroup: cg.path.clone(), pin_dir: pin_dir.clone(), max_node_addresses: max_nodes })?;
+    let installed = loader::install(&loader::InstallOptions {
+        cgroup: cg.path.clone(),
+        pin_dir: pin_dir.clone(),
+        max_node_addresses: max_nodes,
+    })?;
     let mut maps = PinnedMaps::open(&pin_dir)?;
     let cookie = {
         let _g = ebpf_site.ns.enter();
         redirector::sys::current_netns_cookie()?
     };
     let ingress = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(v4) => Ingress { ip: redirector_common::v4_mapped(u32::from_ne_bytes(v4.octets())), port: a.port(), _pad: 0 },
+        IpAddr::V4(v4) => Ingress {
+            ip: redirector_common::v4_mapped(u32::from_ne_bytes(v4.octets())),
+            port: a.port(),
+            _pad: 0,
+        },
         IpAddr::V6(_) => unreachable!("IPv4 listeners"),
     };
     maps.set_ports(&[10250u16].into_iter().collect())?;
     echo_server(lookup_l, Some(OrigDstTable::open(&pin_dir)?));
 
     let mut table: Vec<serde_json::Value> = Vec::new();
-    println!("per-connection cost: connect + 1-byte echo + close, {} conns x {} rounds per variant; ratio = p50 / direct p50 (median over rounds)", cli.conns, cli.rounds);
-    println!("{:>7}  {:<26} {:>9} {:>9} {:>7}", "nodes", "variant", "p50 us", "p99 us", "ratio");
+    println!(
+        "per-connection cost: connect + 1-byte echo + close, {} conns x {} rounds per variant; ratio = p50 / direct p50 (median over rounds)",
+        cli.conns, cli.rounds
+    );
+    println!(
+        "{:>7}  {:<26} {:>9} {:>9} {:>7}",
+        "nodes", "variant", "p50 us", "p99 us", "ratio"
+    );
     for &n in &cli.nodes {
         let t = Instant::now();
         maps.sync_nodes(&KernelEntries::default(), max_nodes)?;
@@ -250,21 +306,62 @@ fn main() -> Result<()> {
         let legacy_load = iptables_restore(&legacy_site.ns, "legacy", &rules)?;
         let nft_load = iptables_restore(&nft_site.ns, "nft", &dnat_rules(n, nft_port))?;
 
-        let variants: [(&str, &Netns, Option<&TestCgroup>, String, Option<SocketAddr>); 5] = [
-            ("direct", &ebpf_site.ns, None, direct_addr.to_string(), None),
-            ("ebpf redirect", &ebpf_site.ns, Some(&cg), TARGET.into(), Some(direct_addr)),
-            ("ebpf redirect + orig dst", &ebpf_site.ns, Some(&cg), TARGET.into(), Some(lookup_addr)),
-            ("iptables DNAT (legacy)", &legacy_site.ns, None, TARGET.into(), None),
-            ("iptables DNAT (nft)", &nft_site.ns, None, TARGET.into(), None),
+        let variants = [
+            Variant {
+                name: "direct",
+                ns: &ebpf_site.ns,
+                cgroup: None,
+                target: direct_addr.to_string(),
+                ingress: None,
+            },
+            Variant {
+                name: "ebpf redirect",
+                ns: &ebpf_site.ns,
+                cgroup: Some(&cg),
+                target: TARGET.into(),
+                ingress: Some(redirect_addr),
+            },
+            Variant {
+                name: "ebpf redirect + orig dst",
+                ns: &ebpf_site.ns,
+                cgroup: Some(&cg),
+                target: TARGET.into(),
+                ingress: Some(lookup_addr),
+            },
+            Variant {
+                name: "iptables DNAT (legacy)",
+                ns: &legacy_site.ns,
+                cgroup: None,
+                target: TARGET.into(),
+                ingress: None,
+            },
+            Variant {
+                name: "iptables DNAT (nft)",
+                ns: &nft_site.ns,
+                cgroup: None,
+                target: TARGET.into(),
+                ingress: None,
+            },
         ];
         let mut p50s: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut p99s: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut ratios: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for _ in 0..cli.rounds {
             let mut direct_p50 = 0.0;
-            for (name, ns, cgroup, target, to) in &variants {
+            for Variant {
+                name,
+                ns,
+                cgroup,
+                target,
+                ingress: to,
+            } in &variants
+            {
                 if let Some(to) = to {
-                    maps.set_config(&Config { host_netns_cookie: cookie, host4: ingress(*to), ..Default::default() })?;
+                    maps.set_config(&Config {
+                        host_netns_cookie: cookie,
+                        host4: ingress(*to),
+                        ..Default::default()
+                    })?;
                 }
                 let lat = run_client(ns, *cgroup, target, cli.conns)?;
                 let p50 = us(pct(&lat, 0.5));
@@ -276,17 +373,32 @@ fn main() -> Result<()> {
                 ratios.entry(name).or_default().push(p50 / direct_p50);
             }
         }
-        for (name, ..) in &variants {
-            let (p50, p99, ratio) = (median(p50s[name].clone()), median(p99s[name].clone()), median(ratios[name].clone()));
+        for Variant { name, .. } in &variants {
+            let (p50, p99, ratio) = (
+                median(p50s[name].clone()),
+                median(p99s[name].clone()),
+                median(ratios[name].clone()),
+            );
             println!("{n:>7}  {name:<26} {p50:>9.1} {p99:>9.1} {ratio:>7.3}");
             table.push(json!({"nodes": n, "variant": name, "p50_us": p50, "p99_us": p99, "ratio_to_direct": ratio}));
         }
-        println!("{n:>7}  load: map fill {:.2} ms, iptables-legacy-restore {:.2} ms, iptables-nft-restore {:.2} ms",
-            map_fill.as_secs_f64() * 1e3, legacy_load.as_secs_f64() * 1e3, nft_load.as_secs_f64() * 1e3);
+        println!(
+            "{n:>7}  load: map fill {:.2} ms, iptables-legacy-restore {:.2} ms, iptables-nft-restore {:.2} ms",
+            map_fill.as_secs_f64() * 1e3,
+            legacy_load.as_secs_f64() * 1e3,
+            nft_load.as_secs_f64() * 1e3
+        );
         table.push(json!({"nodes": n, "load_ms": {"ebpf_map": map_fill.as_secs_f64() * 1e3, "iptables_legacy_restore": legacy_load.as_secs_f64() * 1e3, "iptables_nft_restore": nft_load.as_secs_f64() * 1e3}}));
     }
 
-    let changes = node_changes(&mut maps, max_nodes, &legacy_site.ns, &nft_site.ns, legacy_port, nft_port)?;
+    let changes = node_changes(
+        &mut maps,
+        max_nodes,
+        &legacy_site.ns,
+        &nft_site.ns,
+        legacy_port,
+        nft_port,
+    )?;
     drop(installed);
     let out = json!({"bench": "redirect", "conns_per_round": cli.conns, "rounds": cli.rounds, "results": table, "node_changes": changes});
     if let Some(dir) = cli.out.parent() {
@@ -298,7 +410,14 @@ fn main() -> Result<()> {
 }
 
 /// Time to load a 10,000-node table and to add / remove ONE node while 10,000 are present.
-fn node_changes(maps: &mut PinnedMaps, max_nodes: u32, legacy: &Netns, nft: &Netns, legacy_port: u16, nft_port: u16) -> Result<serde_json::Value> {
+fn node_changes(
+    maps: &mut PinnedMaps,
+    max_nodes: u32,
+    legacy: &Netns,
+    nft: &Netns,
+    legacy_port: u16,
+    nft_port: u16,
+) -> Result<serde_json::Value> {
     const N: usize = 10_000;
     const REPS: usize = 20;
     let mut ebpf_load = Vec::new();
@@ -309,12 +428,24 @@ fn node_changes(maps: &mut PinnedMaps, max_nodes: u32, legacy: &Netns, nft: &Net
         let t = Instant::now();
         maps.sync_nodes(&node_entries(N), max_nodes)?;
         ebpf_load.push(t.elapsed().as_secs_f64() * 1e3);
-        legacy_load.push(iptables_restore(legacy, "legacy", &dnat_rules(N, legacy_port))?.as_secs_f64() * 1e3);
+        legacy_load.push(
+            iptables_restore(legacy, "legacy", &dnat_rules(N, legacy_port))?.as_secs_f64() * 1e3,
+        );
         nft_load.push(iptables_restore(nft, "nft", &dnat_rules(N, nft_port))?.as_secs_f64() * 1e3);
     }
     let one = IpAddr::V4(Ipv4Addr::new(240, 255, 0, 1));
-    let (mut e_add, mut e_del, mut l_add, mut l_del, mut n_add, mut n_del) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let rule = ["-t", "nat", "TUNNEL-PORT-10250", "1", "-d", "240.255.0.1/32", "-j", "RETURN"];
+    let (mut e_add, mut e_del, mut l_add, mut l_del, mut n_add, mut n_del) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let rule = [
+        "-t",
+        "nat",
+        "TUNNEL-PORT-10250",
+        "1",
+        "-d",
+        "240.255.0.1/32",
+        "-j",
+        "RETURN",
+    ];
     // The eBPF change is a syscall from the long-running redirector; each iptables change is a
     // new process (as the iptables-based tunnels run it).
     for _ in 0..REPS {
@@ -328,10 +459,17 @@ fn node_changes(maps: &mut PinnedMaps, max_nodes: u32, legacy: &Netns, nft: &Net
         e_del.push(t.elapsed().as_secs_f64() * 1e6);
     }
     for _ in 0..REPS {
-        for (ns, flavour, add, del) in [(legacy, "legacy", &mut l_add, &mut l_del), (nft, "nft", &mut n_add, &mut n_del)] {
-            let ins = [rule[0], rule[1], "-I", rule[2], rule[3], rule[4], rule[5], rule[6], rule[7]];
+        for (ns, flavour, add, del) in [
+            (legacy, "legacy", &mut l_add, &mut l_del),
+            (nft, "nft", &mut n_add, &mut n_del),
+        ] {
+            let ins = [
+                rule[0], rule[1], "-I", rule[2], rule[3], rule[4], rule[5], rule[6], rule[7],
+            ];
             add.push(iptables(ns, flavour, &ins)?.as_secs_f64() * 1e6);
-            let dl = [rule[0], rule[1], "-D", rule[2], rule[4], rule[5], rule[6], rule[7]];
+            let dl = [
+                rule[0], rule[1], "-D", rule[2], rule[4], rule[5], rule[6], rule[7],
+            ];
             del.push(iptables(ns, flavour, &dl)?.as_secs_f64() * 1e6);
         }
     }
@@ -345,13 +483,37 @@ fn node_changes(maps: &mut PinnedMaps, max_nodes: u32, legacy: &Netns, nft: &Net
         },
     });
     println!("\nnode set changes with 10,000 nodes present (median of {REPS}; load: median of 5)");
-    println!("  load 10,000 nodes: eBPF maps {:.2} ms | iptables-legacy-restore {:.2} ms | iptables-nft-restore {:.2} ms",
-        median(ebpf_load), median(legacy_load), median(nft_load));
-    println!("  add one node:      eBPF {ea:.1} us | iptables-legacy {:.0} us ({:.0}x) | iptables-nft {:.0} us ({:.0}x)",
-        median(l_add.clone()), median(l_add) / ea, median(n_add.clone()), median(n_add) / ea);
-    println!("  remove one node:   eBPF {ed:.1} us | iptables-legacy {:.0} us ({:.0}x) | iptables-nft {:.0} us ({:.0}x)",
-        median(l_del.clone()), median(l_del) / ed, median(n_del.clone()), median(n_del) / ed);
+    println!(
+        "  load 10,000 nodes: eBPF maps {:.2} ms | iptables-legacy-restore {:.2} ms | iptables-nft-restore {:.2} ms",
+        median(ebpf_load),
+        median(legacy_load),
+        median(nft_load)
+    );
+    println!(
+        "  add one node:      eBPF {ea:.1} us | iptables-legacy {:.0} us ({:.0}x) | iptables-nft {:.0} us ({:.0}x)",
+        median(l_add.clone()),
+        median(l_add) / ea,
+        median(n_add.clone()),
+        median(n_add) / ea
+    );
+    println!(
+        "  remove one node:   eBPF {ed:.1} us | iptables-legacy {:.0} us ({:.0}x) | iptables-nft {:.0} us ({:.0}x)",
+        median(l_del.clone()),
+        median(l_del) / ed,
+        median(n_del.clone()),
+        median(n_del) / ed
+    );
     Ok(res)
+}
+
+/// One measured path: the client's namespace and cgroup, what it dials, and (for eBPF) which
+/// echo server the redirect goes to.
+struct Variant<'a> {
+    name: &'static str,
+    ns: &'a Netns,
+    cgroup: Option<&'a TestCgroup>,
+    target: String,
+    ingress: Option<SocketAddr>,
 }
 
 /// Removes the bench's pins on exit, also on error.

@@ -26,7 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    Connect { targets: Vec<SocketAddr> },
+    Connect {
+        targets: Vec<SocketAddr>,
+    },
     Loop {
         target: SocketAddr,
         #[arg(long, default_value_t = 3000)]
@@ -49,7 +51,10 @@ fn exchange(s: &TcpStream, token: &str) -> std::io::Result<String> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without a reply"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without a reply",
+        ));
     }
     Ok(line.trim_end().to_owned())
 }
@@ -78,7 +83,12 @@ fn connect_all(targets: Vec<SocketAddr>) -> serde_json::Value {
                 .expect("spawn client thread")
         })
         .collect();
-    serde_json::Value::Array(handles.into_iter().map(|h| h.join().expect("client thread")).collect())
+    serde_json::Value::Array(
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect(),
+    )
 }
 
 fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Value {
@@ -109,7 +119,11 @@ fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Val
 fn main() {
     let out = match Cli::parse().cmd {
         Cmd::Connect { targets } => connect_all(targets),
-        Cmd::Loop { target, duration_ms, max } => run_loop(target, Duration::from_millis(duration_ms), max),
+        Cmd::Loop {
+            target,
+            duration_ms,
+            max,
+        } => run_loop(target, Duration::from_millis(duration_ms), max),
     };
     println!("{out}");
 }
