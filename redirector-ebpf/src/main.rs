@@ -140,6 +140,46 @@ fn sock_addr(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
     ctx.sock_addr
 }
 
+/// The decision shared by connect4 and connect6: is (node, port) redirected, to which ingress?
+/// On Ok(Some) the original destination is recorded and the caller rewrites the address.
+/// Counters are bumped here, once per connect().
+#[inline(always)]
+fn plan(
+    ctx: &SockAddrContext,
+    node: Option<&NodeValue>,
+    ip: Ip6Words,
+    port: u16,
+    v6: bool,
+) -> Result<Option<Ingress>, i32> {
+    let Some(node) = node else {
+        bump(counter::PASSED);
+        return Ok(None);
+    };
+    if unsafe { PORTS.get(&port) }.is_none() {
+        bump(counter::PASSED);
+        return Ok(None);
+    }
+    let Some((ingress, flags)) = pick_ingress(ctx, v6) else {
+        bump(counter::NO_INGRESS);
+        return Ok(None);
+    };
+    let ambiguous = if node.flags & node_flags::AMBIGUOUS != 0 {
+        orig_flags::AMBIGUOUS
+    } else {
+        0
+    };
+    remember(
+        ctx,
+        &OrigDst {
+            ip,
+            port,
+            flags: flags | ambiguous,
+        },
+    )?;
+    bump(counter::REDIRECTED);
+    Ok(Some(ingress))
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     match try_connect4(&ctx) {
@@ -154,39 +194,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     let ip4 = unsafe { (*sa).user_ip4 };
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    let Some(node) = (unsafe { NODES4.get(&ip4) }) else {
-        bump(counter::PASSED);
-        return Ok(ALLOW);
-    };
-    if unsafe { PORTS.get(&port) }.is_none() {
-        bump(counter::PASSED);
-        return Ok(ALLOW);
+    let node = unsafe { NODES4.get(&ip4) };
+    if let Some(ingress) = plan(ctx, node, v4_mapped(ip4), port, false)? {
+        unsafe {
+            (*sa).user_ip4 = ingress.ip[3];
+            (*sa).user_port = u32::from(ingress.port.to_be());
+        }
     }
-    let Some((ingress, flags)) = pick_ingress(ctx, false) else {
-        bump(counter::NO_INGRESS);
-        return Ok(ALLOW);
-    };
-    let orig = OrigDst {
-        ip: v4_mapped(ip4),
-        port,
-        flags: flags | ambiguous(node),
-    };
-    remember(ctx, &orig)?;
-    unsafe {
-        (*sa).user_ip4 = ingress.ip[3];
-        (*sa).user_port = u32::from(ingress.port.to_be());
-    }
-    bump(counter::REDIRECTED);
     Ok(ALLOW)
-}
-
-#[inline(always)]
-fn ambiguous(node: &NodeValue) -> u16 {
-    if node.flags & node_flags::AMBIGUOUS != 0 {
-        orig_flags::AMBIGUOUS
-    } else {
-        0
-    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -211,27 +226,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     } else {
         unsafe { NODES6.get(&ip) }
     };
-    let Some(node) = node else {
-        bump(counter::PASSED);
-        return Ok(ALLOW);
-    };
-    if unsafe { PORTS.get(&port) }.is_none() {
-        bump(counter::PASSED);
-        return Ok(ALLOW);
+    if let Some(ingress) = plan(ctx, node, ip, port, !mapped)? {
+        write_ip6(unsafe { addr_of_mut!((*sa).user_ip6) }, &ingress.ip);
+        unsafe { (*sa).user_port = u32::from(ingress.port.to_be()) };
     }
-    let Some((ingress, flags)) = pick_ingress(ctx, !mapped) else {
-        bump(counter::NO_INGRESS);
-        return Ok(ALLOW);
-    };
-    let orig = OrigDst {
-        ip,
-        port,
-        flags: flags | ambiguous(node),
-    };
-    remember(ctx, &orig)?;
-    write_ip6(unsafe { addr_of_mut!((*sa).user_ip6) }, &ingress.ip);
-    unsafe { (*sa).user_port = u32::from(ingress.port.to_be()) };
-    bump(counter::REDIRECTED);
     Ok(ALLOW)
 }
 

@@ -33,6 +33,7 @@ pub const NODE_TABLE: &str = "\
 edge-a  198.51.100.10
 edge-b  198.51.100.11
 edge-c  198.51.100.12
+edge-v6 2001:db8::10
 ";
 /// An address on the edge host that is not a node.
 pub const NOT_A_NODE: &str = "198.51.100.99";
@@ -66,6 +67,7 @@ pub struct World {
     pub node_table: PathBuf,
     pub host_ingress: SocketAddr,
     pub pod_ingress: SocketAddr,
+    pub host_ingress6: SocketAddr,
     pub ingress_log: servers::Log,
     pub pod_ingress_log: servers::Log,
     /// Per edge port, what the edge services accepted (escapes).
@@ -114,6 +116,9 @@ impl World {
             "pm",
             &["203.0.113.2/24"],
         );
+        // IPv6 documentation prefix; nodad: usable at once, no duplicate address detection wait.
+        master.ip(&["addr", "add", "2001:db8::1/64", "dev", "me", "nodad"]);
+        edge.ip(&["addr", "add", "2001:db8::10/64", "dev", "em", "nodad"]);
         let cgroup = TestCgroup::new(&format!("redirector-test-{id}"));
         let node_table = dir.join("nodes.txt");
         fs::write(&node_table, NODE_TABLE).expect("node table");
@@ -127,16 +132,26 @@ impl World {
                     servers::listen(SocketAddr::from(([0, 0, 0, 0], port))),
                     edge_log.clone(),
                 );
+                servers::edge(
+                    servers::listen(SocketAddr::from(([0u16; 8], port))),
+                    edge_log.clone(),
+                );
             }
         }
         let (ingress_log, pod_ingress_log) = (servers::Log::default(), servers::Log::default());
-        let (host_ingress, pod_ingress) = {
+        let (host_ingress, pod_ingress, host_ingress6) = {
             let _in_master = master.enter();
             let host = servers::listen("127.0.0.1:0".parse().unwrap());
             let pod = servers::listen(format!("{POD_INGRESS_IP}:0").parse().unwrap());
-            let addrs = (host.local_addr().unwrap(), pod.local_addr().unwrap());
+            let host6 = servers::listen("[::1]:0".parse().unwrap());
+            let addrs = (
+                host.local_addr().unwrap(),
+                pod.local_addr().unwrap(),
+                host6.local_addr().unwrap(),
+            );
             servers::ingress(host, &pin_dir, ingress_log.clone());
             servers::ingress(pod, &pin_dir, pod_ingress_log.clone());
+            servers::ingress(host6, &pin_dir, ingress_log.clone());
             addrs
         };
         Self {
@@ -146,6 +161,7 @@ impl World {
             node_table,
             host_ingress,
             pod_ingress,
+            host_ingress6,
             ingress_log,
             pod_ingress_log,
             edge_log,
@@ -241,6 +257,8 @@ impl RedirectorProc {
             .arg(world.host_ingress.to_string())
             .arg("--pod-ingress")
             .arg(world.pod_ingress.to_string())
+            .arg("--host-ingress6")
+            .arg(world.host_ingress6.to_string())
             .arg("--ready-file")
             .arg(&ready_file)
             .arg("--reload-interval")

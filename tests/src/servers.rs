@@ -41,6 +41,10 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
     s.set_reuse_address(true).expect("SO_REUSEADDR");
+    if addr.is_ipv6() {
+        // Separate IPv4 and IPv6 listeners on one port.
+        s.set_only_v6(true).expect("IPV6_V6ONLY");
+    }
     s.bind(&addr.into())
         .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     s.listen(4096).expect("listen");

@@ -93,6 +93,29 @@ fn ipv4_mapped_connect6_is_redirected_and_getpeername6_shows_the_dialled_address
 }
 
 #[test]
+fn native_ipv6_node_is_redirected_to_the_ipv6_ingress_and_other_ports_are_not() {
+    let w = World::new();
+    let _r = w.start_redirector(&[]);
+    let v = w.probe(
+        true,
+        None,
+        &["connect", "[2001:db8::10]:10250", "[2001:db8::10]:80"],
+    );
+    let got = replies(&v);
+    assert_eq!(
+        got[0].1,
+        ingress_label("[2001:db8::10]:10250", false),
+        "{v}"
+    );
+    assert_eq!(
+        got[0].2.as_deref(),
+        Some("[2001:db8::10]:10250"),
+        "getpeername6: {v}"
+    );
+    assert_eq!(got[1].1, "edge [2001:db8::10]:80", "{v}");
+}
+
+#[test]
 fn client_in_another_network_namespace_reaches_the_pod_ingress() {
     let w = World::new();
     let _r = w.start_redirector(&[]);
