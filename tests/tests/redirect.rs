@@ -400,6 +400,29 @@ fn bad_input_is_refused_with_file_line_and_fix_and_installs_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Without privileges: a clear message naming what is needed, not a raw errno.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(redirector_tests::spawn::workspace_bin("redirector"))
+        .arg("--pin-dir")
+        .arg(&w.pin_dir)
+        .args(["run", "--node-table", "/dev/null"])
+        .arg("--cgroup")
+        .arg(&w.cgroup.path)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("permission denied while") && err.contains("needs root, or CAP_BPF"),
+        "{err}"
+    );
+
     let out = w.cli(&["status"]);
     assert!(!out.status.success());
     assert!(
