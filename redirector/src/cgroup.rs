@@ -51,11 +51,20 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
     cgroup2_mount_in(&info).ok_or(Error::NoCgroup2)
 }
 
+/// The kernel's id of the root cgroup (the root of the v2 hierarchy is kernfs node 1).
+const ROOT_CGROUP_ID: u64 = 1;
+
 /// Resolves the attach point: `requested` if given (must be a directory inside the cgroup v2
-/// mount), else the mount's root (the whole host).
+/// mount), else the mount's root, which must be the host's real root cgroup.
 pub fn attach_point(requested: Option<&Path>) -> Result<PathBuf> {
     let mount = cgroup2_mount()?;
     let Some(path) = requested else {
+        // In a container with its own cgroup namespace, the cgroup2 mount shows the
+        // container's cgroup as "/": programs attached there would see only the container.
+        let id = cgroup_id(&mount)?;
+        if id != ROOT_CGROUP_ID {
+            return Err(Error::NotHostCgroupRoot { mount, id });
+        }
         return Ok(mount);
     };
     let canonical = fs::canonicalize(path).map_err(|_| Error::NotACgroup {

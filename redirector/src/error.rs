@@ -18,6 +18,15 @@ pub enum Error {
     )]
     NotACgroup { path: PathBuf, mount: PathBuf },
 
+    #[error(
+        "the cgroup v2 root seen here ({mount}, cgroup id {id}) is not the host's root cgroup \
+         (id 1): this process runs in a cgroup namespace, e.g. a container, and programs \
+         attached there would only see that container. Run with the host's cgroup namespace \
+         (hostPID and a hostPath mount of /sys/fs/cgroup, or `cgroupns: host`), or pass \
+         --cgroup to attach to a chosen subtree on purpose"
+    )]
+    NotHostCgroupRoot { mount: PathBuf, id: u64 },
+
     #[error("cannot open cgroup {path}: {source}")]
     OpenCgroup { path: PathBuf, source: io::Error },
 

@@ -431,3 +431,39 @@ fn bad_input_is_refused_with_file_line_and_fix_and_installs_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn inside_a_cgroup_namespace_the_container_root_is_refused_not_attached() {
+    let w = World::new();
+    // A "container": a process in the test cgroup, with its own cgroup and mount namespaces,
+    // whose only cgroup2 mount is its namespaced view (root = the test cgroup).
+    let view = w.dir.join("cgroup-view");
+    std::fs::create_dir_all(&view).unwrap();
+    let script = format!(
+        "set -e; for m in $(grep -w cgroup2 /proc/self/mounts | cut -d' ' -f2); do umount -l \"$m\"; done; \
+         mount -t cgroup2 none {view}; exec timeout 20 {bin} --pin-dir {pins} run --node-table {table}",
+        view = view.display(),
+        bin = redirector_tests::spawn::workspace_bin("redirector").display(),
+        pins = w.pin_dir.display(),
+        table = w.node_table.display(),
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--cgroup",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), None);
+    let out = cmd.output().expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must refuse: {err}");
+    assert!(
+        err.contains("is not the host's root cgroup") && err.contains("cgroup namespace"),
+        "{err}"
+    );
+    assert!(!w.pin_dir.exists(), "nothing installed");
+}
