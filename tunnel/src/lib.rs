@@ -1,1 +1,22 @@
+//! The tunnel: a server on every master, an agent on every edge node.
+//!
+//! Data path: a redirected connection arrives at the server's ingress; its original
+//! destination (from the redirector) maps to a node ID through the node table; the server opens
+//! one HTTP/2 CONNECT stream on that node's session; the agent dials its own node on the
+//! allow-listed port and relays. Roles are reversed: the agent dials out (edge nodes are behind
+//! NAT) and is the HTTP/2 *server*; the tunnel server is the HTTP/2 *client* opening streams.
+//!
+//! Identity: the node ID is the `urn:edge-redirector:node:<name>` URI SAN of the agent's client
+//! certificate, verified against the cluster CA ([`identity`]); sessions are keyed by it, never
+//! by IP.
+//!
+//! Modules: [`server`] (agent sessions, ingress, routing), [`agent`], [`relay`] (TCP <->
+//! stream with half-close, abort and per-stream flow control), [`tls`], [`identity`].
+pub mod agent;
+pub mod error;
+pub mod identity;
+pub mod relay;
+pub mod server;
+pub mod tls;
 
+pub use error::{Error, Result};

@@ -1,0 +1,216 @@
+//! The edge agent: dials every server replica, proves its node identity with its client
+//! certificate, serves HTTP/2 on the connection it dialled, and answers each CONNECT stream by
+//! dialling its own node on an allow-listed port. It is not an open proxy: the host part of the
+//! request is ignored, only the configured local addresses are ever dialled.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    relay,
+    server::NODE_HEADER,
+};
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// This node's name; requests naming another node are refused.
+    pub node_id: String,
+    /// Server replicas to keep a session with, each `host:port`.
+    pub servers: Vec<String>,
+    /// The name the servers' certificate carries.
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Ports a stream may ask for.
+    pub allowed_ports: BTreeSet<u16>,
+    /// Local addresses to dial, in order (e.g. the node IP, then 127.0.0.1 for endpoints bound
+    /// to localhost). The first that accepts wins.
+    pub dial: Vec<IpAddr>,
+    pub stream_window: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Agent counters.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub sessions_established: AtomicU64,
+    pub streams_total: AtomicU64,
+    pub refused_port: AtomicU64,
+    pub refused_node: AtomicU64,
+    pub dial_failed: AtomicU64,
+    pub bytes_to_service: AtomicU64,
+    pub bytes_from_service: AtomicU64,
+}
+
+/// Capped exponential backoff with full jitter: a fleet of agents restarting together does
+/// not reconnect in lockstep.
+fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let jitter = rand::random::<f64>();
+    Duration::from_secs_f64(exp.as_secs_f64() * (0.5 + jitter / 2.0))
+}
+
+/// Keeps one session per server until `shutdown`.
+pub async fn run(cfg: AgentConfig, stats: Arc<AgentStats>, shutdown: CancellationToken) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for server in cfg.servers.clone() {
+        let (cfg, stats, shutdown) = (cfg.clone(), stats.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let mut attempt = 0u32;
+            while !shutdown.is_cancelled() {
+                match session(&cfg, &server, &stats, &shutdown).await {
+                    // A session that came up resets the backoff.
+                    Ok(()) => attempt = 0,
+                    Err(e) => {
+                        tracing::warn!(server = %server, "session failed: {e}");
+                        attempt += 1;
+                    }
+                }
+                let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    server: &str,
+    stats: &Arc<AgentStats>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let tcp = TcpStream::connect(server)
+        .await
+        .map_err(|e| Error::io(format!("connecting to server {server}"), e))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(cfg.tls.clone())
+        .connect(cfg.server_name.clone(), tcp)
+        .await
+        .map_err(|e| Error::io(format!("TLS with server {server}"), e))?;
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(i32::MAX as u32)
+        .max_frame_size(256 * 1024)
+        // Long-lived streams (logs -f, exec) must never hit a low default limit.
+        .max_concurrent_streams(100_000)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| Error::h2(format!("handshake with server {server}"), e))?;
+    stats.sessions_established.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(server = %server, node = %cfg.node_id, "session up");
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.graceful_shutdown();
+                return Ok(());
+            }
+            n = conn.accept() => n,
+        };
+        match next {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(Error::h2(format!("session with {server}"), e)),
+            Some(Ok((req, respond))) => {
+                let (cfg, stats) = (cfg.clone(), stats.clone());
+                tokio::spawn(async move { serve_stream(&cfg, &stats, req, respond).await });
+            }
+        }
+    }
+}
+
+fn reject(mut respond: h2::server::SendResponse<Bytes>, status: u16, why: &str) {
+    let resp = http::Response::builder()
+        .status(status)
+        .header("x-edge-error", why)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn serve_stream(
+    cfg: &AgentConfig,
+    stats: &AgentStats,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    if req.method() != http::Method::CONNECT {
+        return reject(respond, 405, "only CONNECT is served");
+    }
+    if let Some(n) = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok())
+        && n != cfg.node_id
+    {
+        stats.refused_node.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(asked = n, node = %cfg.node_id, "stream for another node refused");
+        return reject(respond, 421, "this agent serves another node");
+    }
+    let port = req.uri().port_u16();
+    let Some(port) = port.filter(|p| cfg.allowed_ports.contains(p)) else {
+        stats.refused_port.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(uri = %req.uri(), "stream for a port that is not allow-listed refused");
+        return reject(respond, 403, "port not allow-listed on this node");
+    };
+    let mut last_err = None;
+    let mut tcp = None;
+    for ip in &cfg.dial {
+        match TcpStream::connect(SocketAddr::new(*ip, port)).await {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let Some(tcp) = tcp else {
+        stats.dial_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(port, "local dial failed: {last_err:?}");
+        return reject(respond, 502, "nothing listens on that port on this node");
+    };
+    let resp = http::Response::builder()
+        .status(200)
+        .body(())
+        .expect("static response");
+    let Ok(tx) = respond.send_response(resp, false) else {
+        return;
+    };
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    let out = relay::relay(tcp, tx, req.into_body()).await;
+    stats
+        .bytes_to_service
+        .fetch_add(out.stream_to_tcp, Ordering::Relaxed);
+    stats
+        .bytes_from_service
+        .fetch_add(out.tcp_to_stream, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_within_half() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0..30 {
+            let d = backoff(attempt, min, max);
+            let ceiling = min.saturating_mul(1 << attempt.min(16)).min(max);
+            assert!(
+                d <= ceiling && d >= ceiling / 2,
+                "attempt {attempt}: {d:?} vs {ceiling:?}"
+            );
+        }
+    }
+}

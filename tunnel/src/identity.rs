@@ -1,0 +1,56 @@
+//! How a node's identity is carried in its certificate, and read back from a verified chain.
+//!
+//! The node ID is a URI subject alternative name of the form
+//! `urn:edge-redirector:node:<node-name>`, exactly one per certificate. The server reads it
+//! only from a chain rustls has already verified against the cluster CA; nothing the agent
+//! says on the wire can change it.
+use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+use crate::error::{Error, Result};
+
+/// Prefix of the URI SAN that names the node.
+pub const NODE_URI_PREFIX: &str = "urn:edge-redirector:node:";
+
+/// The URI SAN for a node name.
+pub fn node_uri(node: &str) -> String {
+    format!("{NODE_URI_PREFIX}{node}")
+}
+
+/// Reads the node ID from an end-entity certificate (DER).
+pub fn node_id_from_cert(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| Error::Identity(format!("unparsable client certificate: {e}")))?;
+    let mut ids = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name
+                && let Some(id) = uri.strip_prefix(NODE_URI_PREFIX)
+            {
+                ids.push(id.to_owned());
+            }
+        }
+    }
+    match ids.as_slice() {
+        [id] if valid_node_name(id) => Ok(id.clone()),
+        [id] => Err(Error::Identity(format!(
+            "certificate names node {id:?}, which is not a valid node name"
+        ))),
+        [] => Err(Error::Identity(format!(
+            "certificate (subject {}) has no URI SAN {NODE_URI_PREFIX}<node>; issue agent certificates with the node's name there",
+            cert.subject()
+        ))),
+        many => Err(Error::Identity(format!(
+            "certificate names several nodes {many:?}; exactly one is allowed"
+        ))),
+    }
+}
+
+/// Kubernetes node names: DNS subdomains (lowercase alphanumerics, '-', '.').
+pub fn valid_node_name(id: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !id.is_empty()
+        && id.len() <= 253
+        && id.chars().all(|c| alnum(c) || c == '-' || c == '.')
+        && id.chars().next().is_some_and(alnum)
+        && id.chars().last().is_some_and(alnum)
+}

@@ -1,0 +1,434 @@
+//! The tunnel server: accepts agent sessions (mutual TLS, node ID from the verified
+//! certificate, then HTTP/2 with the server as client) and redirected connections (original
+//! destination -> node ID -> one CONNECT stream on that node's session).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use redirector::{OriginalDst, node_table::NodeTable};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    error::{Error, Result},
+    identity, relay,
+    relay::End,
+};
+
+/// Where connections to an address go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Node(String),
+    /// Several nodes list this address: refused, naming them, never guessed.
+    Ambiguous(Vec<String>),
+}
+
+/// Address -> route, built from a node table.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(HashMap<IpAddr, Route>);
+
+impl Routes {
+    pub fn from_table(table: &NodeTable) -> Self {
+        Routes(
+            table
+                .owners()
+                .into_iter()
+                .map(|(ip, owners)| {
+                    let owners: Vec<String> = owners.into_iter().map(str::to_owned).collect();
+                    let route = if owners.len() == 1 {
+                        Route::Node(owners[0].clone())
+                    } else {
+                        Route::Ambiguous(owners)
+                    };
+                    (ip, route)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> Option<&Route> {
+        self.0.get(&ip.to_canonical())
+    }
+}
+
+/// Why a redirected connection was refused; also the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    NotRedirected,
+    UnknownNode,
+    Ambiguous,
+    NoSession,
+    StreamOpenFailed,
+    AgentRefused,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NotRedirected,
+        Refusal::UnknownNode,
+        Refusal::Ambiguous,
+        Refusal::NoSession,
+        Refusal::StreamOpenFailed,
+        Refusal::AgentRefused,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NotRedirected => "not_redirected",
+            Refusal::UnknownNode => "unknown_node",
+            Refusal::Ambiguous => "ambiguous_address",
+            Refusal::NoSession => "no_session",
+            Refusal::StreamOpenFailed => "stream_open_failed",
+            Refusal::AgentRefused => "agent_refused",
+        }
+    }
+}
+
+/// Server counters (exposed as metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sessions_accepted: AtomicU64,
+    pub sessions_rejected: AtomicU64,
+    pub streams_total: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub bytes_to_node: AtomicU64,
+    pub bytes_from_node: AtomicU64,
+    pub streams_reset: AtomicU64,
+    refused: [AtomicU64; 6],
+}
+
+impl Stats {
+    pub fn refused(&self, r: Refusal) -> u64 {
+        self.refused[r as usize].load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Receive window per stream: bounds the memory one slow client can pin.
+    pub stream_window: u32,
+    /// How long opening a stream (agent dial included) may take.
+    pub open_timeout: Duration,
+    /// TLS handshake deadline for agents.
+    pub handshake_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tls,
+            stream_window: 1 << 20,
+            open_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Session {
+    id: u64,
+    send: SendRequest<Bytes>,
+}
+
+struct Inner {
+    cfg: ServerConfig,
+    routes: RwLock<Routes>,
+    sessions: Mutex<HashMap<String, Session>>,
+    next_session: AtomicU64,
+    stats: Stats,
+}
+
+/// Cheap to clone; all clones share sessions, routes and counters.
+#[derive(Clone)]
+pub struct Server(Arc<Inner>);
+
+/// Header carrying the node ID the server meant, checked by the agent (defence in depth: the
+/// server already routes by the certificate's identity).
+pub const NODE_HEADER: &str = "x-edge-node";
+
+fn refuse_tcp(tcp: TcpStream) {
+    // A reset, not a FIN: the client must not mistake a refusal for an empty answer.
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig, routes: Routes) -> Self {
+        Server(Arc::new(Inner {
+            cfg,
+            routes: RwLock::new(routes),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            stats: Stats::default(),
+        }))
+    }
+
+    pub fn set_routes(&self, routes: Routes) {
+        *self.0.routes.write().unwrap() = routes;
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.0.stats
+    }
+
+    /// Node IDs with a live session.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.0.sessions.lock().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Accepts agent sessions until `shutdown`.
+    pub async fn serve_agents(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.0.cfg.tls.clone());
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("agent listener accept: {e}");
+                        continue;
+                    }
+                },
+            };
+            let server = self.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.agent_session(acceptor, tcp, peer, shutdown).await {
+                    server
+                        .0
+                        .stats
+                        .sessions_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "agent session refused or failed: {e}");
+                }
+            });
+        }
+    }
+
+    async fn agent_session(
+        &self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(self.0.cfg.handshake_timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| Error::Refused("TLS handshake timed out".into()))?
+            // rustls says which: no certificate, unknown issuer (wrong CA), expired, ...
+            .map_err(|e| Error::io("TLS handshake with agent", e))?;
+        let der = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| Error::Identity("agent presented no certificate".into()))?
+            .clone();
+        let node = identity::node_id_from_cert(&der)?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(self.0.cfg.stream_window)
+            // Connection-level window: effectively off; memory is bounded per stream, and a
+            // shared window is what let one stalled stream freeze a whole session.
+            .initial_connection_window_size(i32::MAX as u32)
+            .max_frame_size(256 * 1024)
+            .max_concurrent_reset_streams(10_000)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| Error::h2(format!("handshake with agent {node}"), e))?;
+        let id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sessions
+            .lock()
+            .unwrap()
+            .insert(node.clone(), Session { id, send });
+        self.0
+            .stats
+            .sessions_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = %node, %peer, session = id, "agent session up");
+        let r = tokio::select! {
+            r = conn => r.map_err(|e| Error::h2(format!("session of {node}"), e)),
+            _ = shutdown.cancelled() => Ok(()),
+        };
+        let mut sessions = self.0.sessions.lock().unwrap();
+        // A newer session of the same node may have replaced this one already.
+        if sessions.get(&node).is_some_and(|s| s.id == id) {
+            sessions.remove(&node);
+        }
+        drop(sessions);
+        tracing::info!(node = %node, session = id, "agent session down");
+        r
+    }
+
+    /// Accepts redirected connections until `shutdown`; `lookup` gives each one's original
+    /// destination (the redirector's `OrigDstTable`, or a test's stand-in).
+    pub async fn serve_ingress<F>(
+        &self,
+        listener: TcpListener,
+        lookup: F,
+        shutdown: CancellationToken,
+    ) where
+        F: Fn(&TcpStream) -> Option<OriginalDst> + Send + Sync + 'static,
+    {
+        loop {
+            let tcp = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!("ingress accept: {e}");
+                        continue;
+                    }
+                },
+            };
+            // Looked up on the accept path, before the next accept (entries are per 4-tuple).
+            let orig = lookup(&tcp);
+            let server = self.clone();
+            tokio::spawn(async move { server.handle_redirected(tcp, orig).await });
+        }
+    }
+
+    /// Forwards one redirected connection to its node, or refuses it with a reset.
+    pub async fn handle_redirected(
+        &self,
+        tcp: TcpStream,
+        orig: Option<OriginalDst>,
+    ) -> Result<relay::Outcome, Refusal> {
+        let peer = tcp.peer_addr().ok();
+        let Some(orig) = orig else {
+            return Err(self.refuse(
+                tcp,
+                Refusal::NotRedirected,
+                format!(
+                    "connection from {peer:?} has no original destination (not redirected); refused"
+                ),
+            ));
+        };
+        let route = self.0.routes.read().unwrap().get(&orig.addr.ip()).cloned();
+        let node = match route {
+            None => {
+                return Err(self.refuse(
+                    tcp,
+                    Refusal::UnknownNode,
+                    format!("{} is not a known node address; refused", orig.addr),
+                ));
+            }
+            Some(Route::Ambiguous(nodes)) => {
+                return Err(self.refuse(tcp, Refusal::Ambiguous, format!(
+                    "{} belongs to several nodes {nodes:?}; refused rather than risk the wrong node: reach them by their unique tunnel addresses or names",
+                    orig.addr.ip()
+                )));
+            }
+            Some(Route::Node(n)) => n,
+        };
+        let span = tracing::info_span!("stream", node = %node, dst = %orig.addr);
+        self.forward(tcp, node, orig.addr.port())
+            .instrument(span)
+            .await
+    }
+
+    async fn forward(
+        &self,
+        tcp: TcpStream,
+        node: String,
+        port: u16,
+    ) -> Result<relay::Outcome, Refusal> {
+        let send = self
+            .0
+            .sessions
+            .lock()
+            .unwrap()
+            .get(&node)
+            .map(|s| s.send.clone());
+        let Some(send) = send else {
+            return Err(self.refuse(
+                tcp,
+                Refusal::NoSession,
+                format!("node {node} has no agent session; refused"),
+            ));
+        };
+        let open = async {
+            let mut send = send
+                .ready()
+                .await
+                .map_err(|e| format!("session not ready: {e}"))?;
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(format!("127.0.0.1:{port}"))
+                .header(NODE_HEADER, &node)
+                .body(())
+                .map_err(|e| e.to_string())?;
+            let (resp, tx) = send
+                .send_request(req, false)
+                .map_err(|e| format!("opening stream: {e}"))?;
+            let resp = resp.await.map_err(|e| format!("awaiting agent: {e}"))?;
+            Ok::<_, String>((resp, tx))
+        };
+        let (resp, tx) = match tokio::time::timeout(self.0.cfg.open_timeout, open).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                return Err(self.refuse(
+                    tcp,
+                    Refusal::StreamOpenFailed,
+                    format!("port {port}: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(self.refuse(
+                    tcp,
+                    Refusal::StreamOpenFailed,
+                    format!(
+                        "port {port}: no answer from the agent in {:?}",
+                        self.0.cfg.open_timeout
+                    ),
+                ));
+            }
+        };
+        if resp.status() != http::StatusCode::OK {
+            let why = resp
+                .headers()
+                .get("x-edge-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            return Err(self.refuse(
+                tcp,
+                Refusal::AgentRefused,
+                format!("port {port}: agent answered {}: {why}", resp.status()),
+            ));
+        }
+        let st = &self.0.stats;
+        st.streams_total.fetch_add(1, Ordering::Relaxed);
+        st.streams_open.fetch_add(1, Ordering::Relaxed);
+        let out = relay::relay(tcp, tx, resp.into_body()).await;
+        st.streams_open.fetch_sub(1, Ordering::Relaxed);
+        st.bytes_to_node
+            .fetch_add(out.tcp_to_stream, Ordering::Relaxed);
+        st.bytes_from_node
+            .fetch_add(out.stream_to_tcp, Ordering::Relaxed);
+        if out.end == End::Reset {
+            st.streams_reset.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(up = out.tcp_to_stream, down = out.stream_to_tcp, end = ?out.end, "stream done");
+        Ok(out)
+    }
+
+    fn refuse(&self, tcp: TcpStream, why: Refusal, msg: String) -> Refusal {
+        self.0.stats.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason = why.label(), "{msg}");
+        refuse_tcp(tcp);
+        why
+    }
+}

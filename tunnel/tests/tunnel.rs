@@ -1,0 +1,403 @@
+//! The tunnel over real TLS on real loopback sockets, certificates made in the test.
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tunnel::{relay::End, server::Refusal};
+
+const TABLE: &str = "\
+edge-a 198.51.100.10 203.0.113.10
+edge-b 198.51.100.10 203.0.113.11
+";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Sends `msg`, half-closes, and returns everything the service answered.
+async fn exchange(client: &mut TcpStream, msg: &[u8]) -> std::io::Result<String> {
+    client.write_all(msg).await?;
+    client.shutdown().await?;
+    Ok(String::from_utf8_lossy(&read_all(client).await?).into_owned())
+}
+
+#[tokio::test]
+async fn two_nodes_with_the_same_internal_ip_each_get_their_own_streams_and_the_shared_ip_is_refused()
+ {
+    let (logs, _g) = capture_logs();
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    // Each node's services are on its own loopback address, same port number.
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    greeting_service("127.0.0.3".parse().unwrap(), port, "I am edge-b").await;
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    let _b = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-b"),
+        "edge-b",
+        &[srv.agent_addr],
+        "127.0.0.3".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(
+        || srv.server.connected_nodes() == ["edge-a", "edge-b"],
+        "both sessions",
+    )
+    .await;
+
+    for _ in 0..3 {
+        for (tunnel_ip, who) in [("203.0.113.10", "edge-a"), ("203.0.113.11", "edge-b")] {
+            let (mut c, task) = redirected(&srv.server, addr(&format!("{tunnel_ip}:{port}"))).await;
+            let reply = exchange(&mut c, b"ping").await.unwrap();
+            assert_eq!(reply, format!("I am {who}\npingbye 4\n"));
+            assert_eq!(task.await.unwrap().unwrap().end, End::Closed);
+        }
+    }
+
+    let (mut c, task) = redirected(&srv.server, addr(&format!("198.51.100.10:{port}"))).await;
+    assert_eq!(task.await.unwrap(), Err(Refusal::Ambiguous));
+    let r = exchange(&mut c, b"ping").await;
+    assert!(
+        r.is_err() || r.as_ref().unwrap().is_empty(),
+        "refused connection must carry no data: {r:?}"
+    );
+    assert_eq!(srv.server.stats().refused(Refusal::Ambiguous), 1);
+    assert!(
+        logs.text()
+            .contains(r#"198.51.100.10 belongs to several nodes ["edge-a", "edge-b"]"#),
+        "{}",
+        logs.text()
+    );
+}
+
+#[tokio::test]
+async fn identity_comes_from_the_certificate_an_agent_cannot_serve_another_node() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    // The agent claims to be edge-b in its configuration, but its certificate names edge-a.
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-b",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(|| !srv.server.connected_nodes().is_empty(), "a session").await;
+    assert_eq!(
+        srv.server.connected_nodes(),
+        ["edge-a"],
+        "keyed by the certificate, not by config"
+    );
+
+    let (_c, task) = redirected(&srv.server, addr(&format!("203.0.113.11:{port}"))).await;
+    assert_eq!(
+        task.await.unwrap(),
+        Err(Refusal::NoSession),
+        "edge-b's traffic never reaches edge-a's agent"
+    );
+}
+
+#[tokio::test]
+async fn wrong_ca_expired_or_missing_client_certificate_is_refused_with_the_reason_logged() {
+    let (logs, _g) = capture_logs();
+    let ca = Ca::new("cluster CA");
+    let other = Ca::new("some other CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+
+    let wrong = start_agent(agent_config(
+        &ca,
+        other.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    ));
+    wait_for(
+        || logs.text().contains("UnknownIssuer"),
+        "the wrong-CA rejection in the log",
+    )
+    .await;
+    wrong.stop.cancel();
+
+    let expired_leaf = ca.agent_valid_until(
+        "edge-a",
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    );
+    let expired = start_agent(agent_config(
+        &ca,
+        expired_leaf,
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    ));
+    wait_for(
+        || logs.text().contains("Expired"),
+        "the expired-certificate rejection in the log",
+    )
+    .await;
+    expired.stop.cancel();
+
+    // No client certificate at all.
+    let mut cfg = agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    );
+    let mut no_cert = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates({
+        let mut r = rustls::RootCertStore::empty();
+        r.add(ca.cert.clone()).unwrap();
+        r
+    })
+    .with_no_client_auth();
+    no_cert.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.tls = std::sync::Arc::new(no_cert);
+    let none = start_agent(cfg);
+    wait_for(
+        || {
+            logs.text().contains("NoCertificatesPresented")
+                || logs.text().contains("peer sent no certificates")
+        },
+        "the missing-certificate rejection",
+    )
+    .await;
+    none.stop.cancel();
+
+    assert!(
+        srv.server.connected_nodes().is_empty(),
+        "no session for any of them"
+    );
+    assert!(
+        srv.server
+            .stats()
+            .sessions_rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+}
+
+#[tokio::test]
+async fn half_close_is_carried_both_ways() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+
+    // Client -> service: after the client's shutdown(Write) the service sees EOF and still
+    // sends its whole answer ("bye <n>" is written only after EOF).
+    let (mut c, _t) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    let payload = vec![b'x'; 300_000];
+    let reply = exchange(&mut c, &payload).await.unwrap();
+    assert!(reply.starts_with("I am edge-a\n"));
+    assert!(
+        reply.ends_with("bye 300000\n"),
+        "the answer after the half-close arrived: {}",
+        &reply[reply.len().saturating_sub(40)..]
+    );
+
+    // Service -> client: a service that closes its write side first keeps receiving.
+    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let early_port = l.local_addr().unwrap().port();
+    let svc = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"done talking\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let _a2 = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-b"),
+        "edge-b",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[early_port],
+    ));
+    wait_for(|| srv.server.connected_nodes().len() == 2, "second session").await;
+    let (mut c, _t) = redirected(&srv.server, addr(&format!("203.0.113.11:{early_port}"))).await;
+    let mut first = vec![0u8; 13];
+    c.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"done talking\n");
+    assert_eq!(
+        c.read(&mut [0u8; 1]).await.unwrap(),
+        0,
+        "client sees the service's EOF"
+    );
+    c.write_all(b"still sending after your FIN").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(svc.await.unwrap(), b"still sending after your FIN");
+}
+
+#[tokio::test]
+async fn an_abort_at_either_end_arrives_as_a_reset_not_an_eof() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+
+    // Client aborts: the service must read an error, not a clean EOF.
+    let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    let (mut s, _) = l.accept().await.unwrap();
+    c.write_all(b"partial").await.unwrap();
+    let mut got = [0u8; 7];
+    s.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let r = s.read(&mut [0u8; 16]).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "service saw {r:?}"
+    );
+    assert_eq!(task.await.unwrap().unwrap().end, End::Reset);
+
+    // Service aborts: the client must read an error.
+    let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    let (mut s, _) = l.accept().await.unwrap();
+    s.write_all(b"half an ans").await.unwrap();
+    let mut got = [0u8; 11];
+    c.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    let r = read_all(&mut c).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client saw {r:?}"
+    );
+    assert_eq!(task.await.unwrap().unwrap().end, End::Reset);
+}
+
+#[tokio::test]
+async fn a_port_that_is_not_allow_listed_is_refused_and_the_session_serves_the_rest() {
+    let (logs, _g) = capture_logs();
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let other = greeting_service("127.0.0.2".parse().unwrap(), 0, "secret").await;
+    let a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+
+    let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{other}"))).await;
+    assert_eq!(task.await.unwrap(), Err(Refusal::AgentRefused));
+    let r = exchange(&mut c, b"x").await;
+    assert!(r.is_err() || r.as_ref().unwrap().is_empty(), "{r:?}");
+    assert!(
+        logs.text()
+            .contains("403 Forbidden: port not allow-listed on this node"),
+        "{}",
+        logs.text()
+    );
+    assert_eq!(
+        a.stats
+            .refused_port
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let (mut c, _) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    assert_eq!(
+        exchange(&mut c, b"ok").await.unwrap(),
+        "I am edge-a\nokbye 2\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_on_one_session_every_byte_checked() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+
+    let mut tasks = Vec::new();
+    for i in 0..1000u32 {
+        let server = srv.server.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut c, task) = redirected(&server, addr(&format!("203.0.113.10:{port}"))).await;
+            let payload: Vec<u8> = (0..32 * 1024u32)
+                .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+                .collect();
+            let reply = {
+                c.write_all(&payload).await.unwrap();
+                c.shutdown().await.unwrap();
+                read_all(&mut c).await.unwrap()
+            };
+            let mut expected = b"I am edge-a\n".to_vec();
+            expected.extend_from_slice(&payload);
+            expected.extend_from_slice(format!("bye {}\n", payload.len()).as_bytes());
+            assert!(
+                reply == expected,
+                "stream {i}: {} bytes back, content differs; server side: {:?}",
+                reply.len(),
+                task.await
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        srv.server
+            .stats()
+            .streams_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1000
+    );
+}
