@@ -401,3 +401,221 @@ async fn a_thousand_concurrent_streams_on_one_session_every_byte_checked() {
         1000
     );
 }
+
+/// A service that streams `total` bytes as fast as its reader takes them, then closes.
+async fn firehose(ip: &str, total: usize) -> u16 {
+    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                let mut sent = 0;
+                while sent < total {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_does_not_freeze_its_neighbours_on_the_same_session() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let hose = firehose("127.0.0.2", 100 << 20).await;
+    let echo = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[hose, echo],
+    ));
+    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+
+    // Four streams whose readers never read, each with 100 MiB pending behind them.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let (c, _t) = redirected(&srv.server, addr(&format!("203.0.113.10:{hose}"))).await;
+        stalled.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // let their windows fill
+
+    // A neighbour moves 32 MiB each way on the same session, every byte checked.
+    let (mut c, _t) = redirected(&srv.server, addr(&format!("203.0.113.10:{echo}"))).await;
+    let payload: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = c.split();
+    let send = async {
+        wr.write_all(&payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut v = Vec::new();
+        rd.read_to_end(&mut v).await.unwrap();
+        v
+    };
+    let (_, got) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(send, recv) })
+            .await
+            .expect("the neighbour stream froze behind the stalled ones");
+    assert_eq!(&got[..12], b"I am edge-a\n");
+    assert!(
+        got[12..12 + payload.len()] == payload[..],
+        "echoed bytes differ"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn an_agent_keeps_a_session_to_every_server_and_survives_losing_one() {
+    let ca = Ca::new("cluster CA");
+    let s1 = start_server(&ca, routes(TABLE)).await;
+    let s2 = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let _a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[s1.agent_addr, s2.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(
+        || s1.server.connected_nodes() == ["edge-a"] && s2.server.connected_nodes() == ["edge-a"],
+        "a session on both servers",
+    )
+    .await;
+    for s in [&s1, &s2] {
+        let (mut c, _) = redirected(&s.server, addr(&format!("203.0.113.10:{port}"))).await;
+        assert_eq!(
+            exchange(&mut c, b"hi").await.unwrap(),
+            "I am edge-a\nhibye 2\n"
+        );
+    }
+    // One master goes away; the other keeps serving the node.
+    s1.stop.cancel();
+    wait_for(
+        || s1.server.connected_nodes().is_empty(),
+        "server 1's session to end",
+    )
+    .await;
+    let (mut c, _) = redirected(&s2.server, addr(&format!("203.0.113.10:{port}"))).await;
+    assert_eq!(
+        exchange(&mut c, b"still").await.unwrap(),
+        "I am edge-a\nstillbye 5\n"
+    );
+}
+
+#[tokio::test]
+async fn agent_restart_and_server_restart_reconnect_and_nothing_is_misrouted() {
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    greeting_service("127.0.0.3".parse().unwrap(), port, "I am edge-b").await;
+    let a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    let _b = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-b"),
+        "edge-b",
+        &[srv.agent_addr],
+        "127.0.0.3".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(
+        || srv.server.connected_nodes() == ["edge-a", "edge-b"],
+        "both sessions",
+    )
+    .await;
+
+    // Agent restart.
+    a.stop.cancel();
+    a.task.await.unwrap();
+    wait_for(
+        || srv.server.connected_nodes() == ["edge-b"],
+        "edge-a's session to end",
+    )
+    .await;
+    let (_c, t) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    assert_eq!(
+        t.await.unwrap(),
+        Err(Refusal::NoSession),
+        "while edge-a is away its traffic is refused, not sent to edge-b"
+    );
+    let _a2 = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+    wait_for(
+        || srv.server.connected_nodes() == ["edge-a", "edge-b"],
+        "edge-a back",
+    )
+    .await;
+    let (mut c, _) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    assert_eq!(
+        exchange(&mut c, b"1").await.unwrap(),
+        "I am edge-a\n1bye 1\n"
+    );
+
+    // Server restart on the same address: both agents reconnect by themselves.
+    let agent_addr = srv.agent_addr;
+    srv.stop.cancel();
+    wait_for(
+        || srv.server.connected_nodes().is_empty(),
+        "sessions to end",
+    )
+    .await;
+    drop(srv);
+    let leaf = ca.server();
+    let cfg = tunnel::server::ServerConfig::new(
+        tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
+    );
+    let server = tunnel::server::Server::new(cfg, routes(TABLE));
+    let listener = rebind(agent_addr).await;
+    let (s, t) = (server.clone(), tokio_util::sync::CancellationToken::new());
+    tokio::spawn(async move { s.serve_agents(listener, t).await });
+    wait_for(
+        || server.connected_nodes() == ["edge-a", "edge-b"],
+        "both agents back on the restarted server",
+    )
+    .await;
+    for (ip, who) in [("203.0.113.10", "edge-a"), ("203.0.113.11", "edge-b")] {
+        let (mut c, _) = redirected(&server, addr(&format!("{ip}:{port}"))).await;
+        assert_eq!(
+            exchange(&mut c, b"2").await.unwrap(),
+            format!("I am {who}\n2bye 1\n")
+        );
+    }
+}
+
+/// Binds the address a stopped server used (its port may linger briefly).
+async fn rebind(a: SocketAddr) -> tokio::net::TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = tokio::net::TcpListener::bind(a).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not rebind {a}");
+}

@@ -133,8 +133,9 @@ pub struct RunningServer {
 
 pub async fn start_server(ca: &Ca, routes: Routes) -> RunningServer {
     let leaf = ca.server();
-    let cfg =
-        ServerConfig::new(tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap());
+    let cfg = ServerConfig::new(
+        tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
+    );
     let server = Server::new(cfg, routes);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_addr = listener.local_addr().unwrap();
@@ -166,7 +167,8 @@ pub fn agent_config(
         node_id: node.to_owned(),
         servers: servers.iter().map(ToString::to_string).collect(),
         server_name: ServerName::try_from("tunnel.test").unwrap(),
-        tls: tls::agent_config(std::slice::from_ref(&ca_trusted.cert), leaf.chain, leaf.key).unwrap(),
+        tls: tls::agent_config(std::slice::from_ref(&ca_trusted.cert), leaf.chain, leaf.key)
+            .unwrap(),
         allowed_ports: ports.iter().copied().collect::<BTreeSet<_>>(),
         dial: vec![dial],
         stream_window: 1 << 20,
