@@ -40,6 +40,7 @@ pub struct AgentConfig {
     pub stream_window: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    pub keepalive: crate::keepalive::Keepalive,
 }
 
 /// Agent counters.
@@ -52,6 +53,7 @@ pub struct AgentStats {
     pub dial_failed: AtomicU64,
     pub bytes_to_service: AtomicU64,
     pub bytes_from_service: AtomicU64,
+    pub keepalive_rtt_us: AtomicU64,
 }
 
 /// Capped exponential backoff with full jitter: a fleet of agents restarting together does
@@ -114,12 +116,16 @@ async fn session(
         .map_err(|e| Error::h2(format!("handshake with server {server}"), e))?;
     stats.sessions_established.fetch_add(1, Ordering::Relaxed);
     tracing::info!(server = %server, node = %cfg.node_id, "session up");
+    let pings = conn.ping_pong().expect("ping_pong is taken once, here");
+    let ka = crate::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us);
+    tokio::pin!(ka);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => {
                 conn.graceful_shutdown();
                 return Ok(());
             }
+            why = &mut ka => return Err(Error::Refused(format!("session with {server} is dead: {why}"))),
             n = conn.accept() => n,
         };
         match next {

@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod error;
 pub mod identity;
+pub mod keepalive;
 pub mod relay;
 pub mod server;
 pub mod tls;

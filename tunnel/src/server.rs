@@ -102,6 +102,9 @@ pub struct Stats {
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
     pub streams_reset: AtomicU64,
+    /// Last keepalive round trip of any session, microseconds.
+    pub keepalive_rtt_us: AtomicU64,
+    pub sessions_dead: AtomicU64,
     refused: [AtomicU64; 6],
 }
 
@@ -120,6 +123,7 @@ pub struct ServerConfig {
     pub open_timeout: Duration,
     /// TLS handshake deadline for agents.
     pub handshake_timeout: Duration,
+    pub keepalive: crate::keepalive::Keepalive,
 }
 
 impl ServerConfig {
@@ -129,6 +133,7 @@ impl ServerConfig {
             stream_window: 1 << 20,
             open_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            keepalive: Default::default(),
         }
     }
 }
@@ -237,7 +242,7 @@ impl Server {
             .ok_or_else(|| Error::Identity("agent presented no certificate".into()))?
             .clone();
         let node = identity::node_id_from_cert(&der)?;
-        let (send, conn) = h2::client::Builder::new()
+        let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(self.0.cfg.stream_window)
             // Connection-level window: effectively off; memory is bounded per stream, and a
             // shared window is what let one stalled stream freeze a whole session.
@@ -258,8 +263,14 @@ impl Server {
             .sessions_accepted
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %node, %peer, session = id, "agent session up");
+        let pings = conn.ping_pong().expect("ping_pong is taken once, here");
+        let ka = crate::keepalive::run(pings, self.0.cfg.keepalive, &self.0.stats.keepalive_rtt_us);
         let r = tokio::select! {
             r = conn => r.map_err(|e| Error::h2(format!("session of {node}"), e)),
+            why = ka => {
+                self.0.stats.sessions_dead.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Refused(format!("session of {node} is dead: {why}")))
+            }
             _ = shutdown.cancelled() => Ok(()),
         };
         let mut sessions = self.0.sessions.lock().unwrap();

@@ -619,3 +619,138 @@ async fn rebind(a: SocketAddr) -> tokio::net::TcpListener {
     }
     panic!("could not rebind {a}");
 }
+
+/// A TCP proxy that can be frozen: it stops moving bytes but keeps both connections open,
+/// like a SIGSTOPped peer or a NAT that silently dropped its mapping.
+async fn freezable_proxy(
+    upstream: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let frozen = Arc::new(AtomicBool::new(false));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((down, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(up) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            for (mut from, mut to) in [(down.into_split(), up.into_split())]
+                .into_iter()
+                .flat_map(|((dr, dw), (ur, uw))| [(dr, uw), (ur, dw)])
+            {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = from.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        while f.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (at, frozen)
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_found_by_keepalive_on_both_sides_within_interval_plus_timeout() {
+    let (logs, _g) = capture_logs();
+    let ca = Ca::new("cluster CA");
+    let leaf = ca.server();
+    let mut cfg = tunnel::server::ServerConfig::new(
+        tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
+    );
+    let ka = tunnel::keepalive::Keepalive {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(400),
+    };
+    cfg.keepalive = ka;
+    let server = tunnel::server::Server::new(cfg, routes(TABLE));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (proxy, frozen) = freezable_proxy(listener.local_addr().unwrap()).await;
+    let (s, t) = (server.clone(), tokio_util::sync::CancellationToken::new());
+    tokio::spawn(async move { s.serve_agents(listener, t).await });
+    let mut acfg = agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[proxy],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    );
+    acfg.keepalive = ka;
+    let a = start_agent(acfg);
+    wait_for(|| server.connected_nodes() == ["edge-a"], "session").await;
+    // Idle session, no streams: keepalive still runs and measures a round trip.
+    wait_for(
+        || {
+            server
+                .stats()
+                .keepalive_rtt_us
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        },
+        "a keepalive round trip",
+    )
+    .await;
+
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t0 = tokio::time::Instant::now();
+    wait_for(
+        || server.connected_nodes().is_empty(),
+        "the server to drop the silent session",
+    )
+    .await;
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "dead session found only after {took:?}"
+    );
+    wait_for(
+        || {
+            logs.text()
+                .contains("did not answer a keepalive PING within 400ms")
+        },
+        "both sides to log the dead peer",
+    )
+    .await;
+    assert_eq!(
+        server
+            .stats()
+            .sessions_dead
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    wait_for(
+        || logs.text().matches("keepalive PING").count() >= 2,
+        "the agent's own detection",
+    )
+    .await;
+
+    // Thawed: the agent reconnects through the same path.
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(|| server.connected_nodes() == ["edge-a"], "reconnection").await;
+    assert!(
+        a.stats
+            .sessions_established
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}

@@ -174,6 +174,7 @@ pub fn agent_config(
         stream_window: 1 << 20,
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
+        keepalive: Default::default(),
     }
 }
 
