@@ -12,6 +12,7 @@
 //! redirection is *seen* (it lands on an edge service, labelled `edge ...`), never lost.
 pub mod cgroup;
 pub mod netns;
+pub mod pki;
 pub mod servers;
 pub mod spawn;
 
@@ -242,6 +243,11 @@ pub struct RedirectorProc {
 
 impl RedirectorProc {
     fn start(world: &World, extra: &[&str]) -> Self {
+        Self::start_with_ingress(world, world.host_ingress, extra)
+    }
+
+    /// Starts with host clients sent to `host_ingress` (e.g. a real tunnel server's).
+    pub fn start_with_ingress(world: &World, host_ingress: SocketAddr, extra: &[&str]) -> Self {
         let ready_file = world.dir.join(format!("ready-{}", unique_id()));
         let log_file = world.dir.join(format!("redirector-{}.log", unique_id()));
         let log = fs::File::create(&log_file).expect("log file");
@@ -254,7 +260,7 @@ impl RedirectorProc {
             .arg("--node-table")
             .arg(&world.node_table)
             .arg("--host-ingress")
-            .arg(world.host_ingress.to_string())
+            .arg(host_ingress.to_string())
             .arg("--pod-ingress")
             .arg(world.pod_ingress.to_string())
             .arg("--host-ingress6")
@@ -321,4 +327,70 @@ pub fn replies(v: &serde_json::Value) -> Vec<(String, String, Option<String>)> {
             )
         })
         .collect()
+}
+
+/// A background process whose stderr goes to a file, killed on drop.
+pub struct LoggedProc {
+    pub child: Child,
+    pub log_file: PathBuf,
+}
+
+impl LoggedProc {
+    /// Starts `bin args` in `netns` (and optionally the test cgroup).
+    pub fn spawn(world: &World, name: &str, netns: &Netns, bin: &str, args: &[&str]) -> Self {
+        let log_file = world.dir.join(format!("{name}-{}.log", unique_id()));
+        let log = fs::File::create(&log_file).expect("log file");
+        let mut cmd = Command::new(spawn::workspace_bin(bin));
+        cmd.args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        spawn::place(&mut cmd, None, Some(netns));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Self { child, log_file }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Waits until a log line contains every one of `parts`.
+    pub fn wait_log(&mut self, parts: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .log()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "process exited ({st}) before logging {parts:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LoggedProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on `ip` in the calling thread's namespace (bound, then released).
+pub fn free_addr(ip: &str) -> SocketAddr {
+    std::net::TcpListener::bind(format!("{ip}:0"))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }

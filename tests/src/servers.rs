@@ -19,6 +19,8 @@ use redirector::OrigDstTable;
 pub struct Accepted {
     pub token: String,
     pub label: String,
+    /// Who connected: tells a tunnel agent's dial from a connection that escaped redirection.
+    pub peer: Option<SocketAddr>,
 }
 
 #[derive(Clone, Default)]
@@ -62,6 +64,7 @@ fn serve(
             let Ok(conn) = conn else { continue };
             // Label on the accept thread: original-destination lookups happen in accept order.
             let l = label(&conn);
+            let peer = conn.peer_addr().ok();
             let log = log.clone();
             thread::spawn(move || {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
@@ -72,6 +75,7 @@ fn serve(
                 log.0.lock().unwrap().push(Accepted {
                     token,
                     label: l.clone(),
+                    peer,
                 });
                 let _ = (&conn).write_all(format!("{l}\n").as_bytes());
             });

@@ -56,3 +56,44 @@ pub fn agent_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// Certificates and key read from PEM files (the chain file may hold intermediates).
+pub struct PemFiles {
+    pub ca: Vec<CertificateDer<'static>>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl PemFiles {
+    pub fn load(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self> {
+        use rustls_pki_types::pem::PemObject;
+        let certs = |p: &std::path::Path| -> Result<Vec<CertificateDer<'static>>> {
+            let v = CertificateDer::pem_file_iter(p)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    Error::TlsConfig(format!("reading certificates from {}: {e}", p.display()))
+                })?;
+            if v.is_empty() {
+                return Err(Error::TlsConfig(format!(
+                    "{} holds no PEM certificate",
+                    p.display()
+                )));
+            }
+            Ok(v)
+        };
+        Ok(PemFiles {
+            ca: certs(ca)?,
+            chain: certs(cert)?,
+            key: PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                Error::TlsConfig(format!(
+                    "reading the private key from {}: {e}",
+                    key.display()
+                ))
+            })?,
+        })
+    }
+}

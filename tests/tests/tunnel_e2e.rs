@@ -1,0 +1,123 @@
+//! The whole path with the real binaries: a client in the cgroup dials a node's address, the
+//! redirector sends it to the tunnel server's ingress, the server maps the original destination
+//! to the node ID and opens a stream on that node's agent session (mutual TLS), and the agent
+//! dials its own node. Root only.
+use redirector_tests::{LoggedProc, RedirectorProc, World, free_addr, pki::TestPki, replies};
+
+#[test]
+fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() {
+    let w = World::new();
+    let pki = TestPki::new(&w.dir);
+    let (srv_cert, srv_key) = pki.server("tunnel.test");
+    let (ingress, agents_at) = {
+        let _m = w.master.enter();
+        (free_addr("127.0.0.1"), free_addr("198.51.100.1"))
+    };
+    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
+    let s = |p: &std::path::Path| p.display().to_string();
+    let (ca, pins, table) = (s(&pki.ca_pem), s(&w.pin_dir), s(&w.node_table));
+    let mut server = LoggedProc::spawn(
+        &w,
+        "tunnel-server",
+        &w.master,
+        "tunnel",
+        &[
+            "server",
+            "--ca",
+            &ca,
+            "--cert",
+            &s(&srv_cert),
+            "--key",
+            &s(&srv_key),
+            "--agent-listen",
+            &agents_at.to_string(),
+            "--host-ingress",
+            &ingress.to_string(),
+            "--node-table",
+            &table,
+            "--pin-dir",
+            &pins,
+        ],
+    );
+    server.wait_log(&["tunnel server ready"]);
+
+    // edge-a's agent reaches its services on localhost, edge-b's on its node address.
+    let mut agents = Vec::new();
+    for (node, dial) in [("edge-a", "127.0.0.1"), ("edge-b", "198.51.100.11")] {
+        let (c, k) = pki.agent(node);
+        agents.push(LoggedProc::spawn(
+            &w,
+            node,
+            &w.edge,
+            "tunnel",
+            &[
+                "agent",
+                "--node-id",
+                node,
+                "--servers",
+                &agents_at.to_string(),
+                "--server-name",
+                "tunnel.test",
+                "--ca",
+                &ca,
+                "--cert",
+                &s(&c),
+                "--key",
+                &s(&k),
+                "--ports",
+                "10250,10255",
+                "--dial",
+                dial,
+            ],
+        ));
+        server.wait_log(&["agent session up", &format!("node={node}")]);
+    }
+
+    let v = w.probe(
+        true,
+        None,
+        &[
+            "connect",
+            "198.51.100.10:10250",
+            "198.51.100.11:10255",
+            "198.51.100.12:10250",
+        ],
+    );
+    let got = replies(&v);
+    assert_eq!(
+        got[0].1, "edge 127.0.0.1:10250",
+        "edge-a via its agent's localhost dial: {v}"
+    );
+    assert_eq!(
+        got[0].2.as_deref(),
+        Some("198.51.100.10:10250"),
+        "the client still sees what it dialled"
+    );
+    assert_eq!(got[1].1, "edge 198.51.100.11:10255", "{v}");
+    assert_eq!(
+        got[2].1, "",
+        "edge-c has no agent: refused, nothing answered: {v}"
+    );
+    assert_eq!(v[2]["ok"], false, "{v}");
+
+    let edge = w.edge_log.all();
+    assert_eq!(
+        edge.len(),
+        2,
+        "exactly the two tunnelled connections reached the edge: {edge:?}"
+    );
+    for a in &edge {
+        let from = a.peer.expect("peer").ip().to_string();
+        assert_ne!(
+            from, "198.51.100.1",
+            "a connection came straight from the master, not through an agent: {a:?}"
+        );
+    }
+    assert!(
+        server
+            .log()
+            .contains("node edge-c has no agent session; refused"),
+        "{}",
+        server.log()
+    );
+}

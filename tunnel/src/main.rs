@@ -1,0 +1,258 @@
+//! `tunnel server` (on every master) and `tunnel agent` (on every edge node).
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use redirector::{OrigDstTable, node_table::NodeTable};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel::{
+    agent::{AgentConfig, AgentStats},
+    keepalive::Keepalive,
+    server::{Routes, Server, ServerConfig},
+    tls,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Reverse tunnel for edge nodes: server on masters, agent on edge nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Pki {
+    /// CA bundle (PEM) that the peer's certificate must chain to.
+    #[arg(long, env = "TUNNEL_CA")]
+    ca: PathBuf,
+    /// This end's certificate chain (PEM).
+    #[arg(long, env = "TUNNEL_CERT")]
+    cert: PathBuf,
+    /// This end's private key (PEM).
+    #[arg(long, env = "TUNNEL_KEY")]
+    key: PathBuf,
+    /// Seconds between keepalive PINGs.
+    #[arg(long, env = "TUNNEL_KEEPALIVE_INTERVAL", default_value_t = 10.0)]
+    keepalive_interval: f64,
+    /// Seconds a PING may go unanswered before the session is declared dead.
+    #[arg(long, env = "TUNNEL_KEEPALIVE_TIMEOUT", default_value_t = 10.0)]
+    keepalive_timeout: f64,
+}
+
+impl Pki {
+    fn keepalive(&self) -> Result<Keepalive, String> {
+        let ok = |v: f64| v > 0.0 && v.is_finite();
+        if !ok(self.keepalive_interval) || !ok(self.keepalive_timeout) {
+            return Err(
+                "--keepalive-interval and --keepalive-timeout must be positive seconds".into(),
+            );
+        }
+        Ok(Keepalive {
+            interval: Duration::from_secs_f64(self.keepalive_interval),
+            timeout: Duration::from_secs_f64(self.keepalive_timeout),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept agent sessions and redirected connections.
+    Server {
+        #[command(flatten)]
+        pki: Pki,
+        /// Where agents dial in.
+        #[arg(long, env = "TUNNEL_AGENT_LISTEN", default_value = "0.0.0.0:10262")]
+        agent_listen: SocketAddr,
+        /// Ingress for redirected host clients (the redirector's --host-ingress).
+        #[arg(long, env = "TUNNEL_HOST_INGRESS", default_value = redirector::DEFAULT_HOST_INGRESS)]
+        host_ingress: SocketAddr,
+        /// Ingress for redirected pod clients (the redirector's --pod-ingress).
+        #[arg(long, env = "TUNNEL_POD_INGRESS")]
+        pod_ingress: Option<SocketAddr>,
+        /// Node table: `<node-id> <ip> [<ip>...]` per line (reloaded when it changes).
+        #[arg(long, env = "TUNNEL_NODE_TABLE")]
+        node_table: PathBuf,
+        /// The redirector's pin directory (original destinations are read from its maps).
+        #[arg(long, env = "REDIRECTOR_PIN_DIR", default_value = redirector::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Keep a session to every server and serve streams for this node.
+    Agent {
+        #[command(flatten)]
+        pki: Pki,
+        /// This node's name (must match the certificate's node identity).
+        #[arg(long, env = "TUNNEL_NODE_ID")]
+        node_id: String,
+        /// Server replicas, `host:port`, comma separated.
+        #[arg(long, env = "TUNNEL_SERVERS", value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Name in the servers' certificate.
+        #[arg(long, env = "TUNNEL_SERVER_NAME")]
+        server_name: String,
+        /// Ports streams may ask for, comma separated.
+        #[arg(long, env = "TUNNEL_PORTS", value_delimiter = ',', default_value = redirector::DEFAULT_PORTS)]
+        ports: Vec<u16>,
+        /// Local addresses to dial, in order, comma separated (node IP, then localhost).
+        #[arg(
+            long,
+            env = "TUNNEL_DIAL",
+            value_delimiter = ',',
+            default_value = "127.0.0.1"
+        )]
+        dial: Vec<IpAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let stop = shutdown_on_signal();
+    match cli.cmd {
+        Cmd::Server {
+            pki,
+            agent_listen,
+            host_ingress,
+            pod_ingress,
+            node_table,
+            pin_dir,
+        } => {
+            let ka = pki.keepalive()?;
+            let pem =
+                tls::PemFiles::load(&pki.ca, &pki.cert, &pki.key).map_err(|e| e.to_string())?;
+            let mut cfg = ServerConfig::new(
+                tls::server_config(&pem.ca, pem.chain, pem.key).map_err(|e| e.to_string())?,
+            );
+            cfg.keepalive = ka;
+            let table = NodeTable::load(&node_table).map_err(|e| e.to_string())?;
+            let server = Server::new(cfg, Routes::from_table(&table));
+            let orig = Arc::new(Mutex::new(OrigDstTable::open(&pin_dir).map_err(|e| {
+                format!("{e} (start the redirector first, with the same --pin-dir)")
+            })?));
+            let agents = bind(agent_listen, "agents").await?;
+            let mut ingresses = vec![bind(host_ingress, "host ingress").await?];
+            if let Some(p) = pod_ingress {
+                ingresses.push(bind(p, "pod ingress").await?);
+            }
+            for l in ingresses {
+                let (s, o, t) = (server.clone(), orig.clone(), stop.clone());
+                tokio::spawn(async move {
+                    s.serve_ingress(
+                        l,
+                        move |tcp| match o.lock().unwrap().take_for_stream(tcp) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                tracing::warn!("original destination lookup failed: {e}");
+                                None
+                            }
+                        },
+                        t,
+                    )
+                    .await
+                });
+            }
+            tokio::spawn(follow_node_table(server.clone(), node_table, stop.clone()));
+            tracing::info!(%agent_listen, %host_ingress, ?pod_ingress, "tunnel server ready");
+            server.serve_agents(agents, stop).await;
+            Ok(())
+        }
+        Cmd::Agent {
+            pki,
+            node_id,
+            servers,
+            server_name,
+            ports,
+            dial,
+        } => {
+            let ka = pki.keepalive()?;
+            let pem =
+                tls::PemFiles::load(&pki.ca, &pki.cert, &pki.key).map_err(|e| e.to_string())?;
+            let cfg = AgentConfig {
+                node_id,
+                servers,
+                server_name: ServerName::try_from(server_name)
+                    .map_err(|e| format!("--server-name: {e}"))?,
+                tls: tls::agent_config(&pem.ca, pem.chain, pem.key).map_err(|e| e.to_string())?,
+                allowed_ports: ports.into_iter().collect::<BTreeSet<_>>(),
+                dial,
+                stream_window: 1 << 20,
+                backoff_min: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(30),
+                keepalive: ka,
+            };
+            tunnel::agent::run(cfg, Arc::new(AgentStats::default()), stop).await;
+            Ok(())
+        }
+    }
+}
+
+/// Re-reads the node table when it changes; a bad edit keeps the previous routes.
+async fn follow_node_table(server: Server, path: PathBuf, stop: CancellationToken) {
+    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&path);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = mtime(&path);
+        if now != last {
+            last = now;
+            match NodeTable::load(&path) {
+                Ok(t) => {
+                    server.set_routes(Routes::from_table(&t));
+                    tracing::info!(nodes = t.nodes.len(), "node table reloaded");
+                }
+                Err(e) => {
+                    tracing::error!("node table not applied, keeping the previous routes: {e}")
+                }
+            }
+        }
+    }
+}
