@@ -13,6 +13,10 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
         let _m = w.master.enter();
         (free_addr("127.0.0.1"), free_addr("198.51.100.1"))
     };
+    let metrics_at = {
+        let _m = w.master.enter();
+        free_addr("127.0.0.1")
+    };
     let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
     let s = |p: &std::path::Path| p.display().to_string();
     let (ca, pins, table) = (s(&pki.ca_pem), s(&w.pin_dir), s(&w.node_table));
@@ -37,6 +41,8 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
             &table,
             "--pin-dir",
             &pins,
+            "--metrics-listen",
+            &metrics_at.to_string(),
         ],
     );
     server.wait_log(&["tunnel server ready"]);
@@ -68,6 +74,9 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
                 "10250,10255",
                 "--dial",
                 dial,
+                // Two agents share this namespace: no fixed metrics port.
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
         ));
         server.wait_log(&["agent session up", &format!("node={node}")]);
@@ -120,4 +129,33 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
         "{}",
         server.log()
     );
+
+    let metrics = {
+        let _m = w.master.enter();
+        http_get(metrics_at, "/metrics")
+    };
+    for line in [
+        "tunnel_server_sessions 2",
+        "tunnel_server_streams_total 2",
+        "tunnel_server_refused_total{reason=\"no_session\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "/metrics lacks {line:?}:\n{metrics}"
+        );
+    }
+}
+
+/// A plain HTTP/1.0 GET (no client dependency needed for one request).
+fn http_get(at: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(at).expect("metrics endpoint");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
 }

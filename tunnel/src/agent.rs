@@ -5,10 +5,7 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -17,8 +14,10 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::metrics::AgentMetrics;
 use crate::{
     error::{Error, Result},
+    metrics::{Direction, Reason},
     relay,
     server::NODE_HEADER,
 };
@@ -43,19 +42,6 @@ pub struct AgentConfig {
     pub keepalive: crate::keepalive::Keepalive,
 }
 
-/// Agent counters.
-#[derive(Debug, Default)]
-pub struct AgentStats {
-    pub sessions_established: AtomicU64,
-    pub streams_total: AtomicU64,
-    pub refused_port: AtomicU64,
-    pub refused_node: AtomicU64,
-    pub dial_failed: AtomicU64,
-    pub bytes_to_service: AtomicU64,
-    pub bytes_from_service: AtomicU64,
-    pub keepalive_rtt_us: AtomicU64,
-}
-
 /// Capped exponential backoff with full jitter: a fleet of agents restarting together does
 /// not reconnect in lockstep.
 fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
@@ -65,7 +51,7 @@ fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
 }
 
 /// Keeps one session per server until `shutdown`.
-pub async fn run(cfg: AgentConfig, stats: Arc<AgentStats>, shutdown: CancellationToken) {
+pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     for server in cfg.servers.clone() {
         let (cfg, stats, shutdown) = (cfg.clone(), stats.clone(), shutdown.clone());
@@ -94,7 +80,7 @@ pub async fn run(cfg: AgentConfig, stats: Arc<AgentStats>, shutdown: Cancellatio
 async fn session(
     cfg: &AgentConfig,
     server: &str,
-    stats: &Arc<AgentStats>,
+    stats: &Arc<AgentMetrics>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let tcp = TcpStream::connect(server)
@@ -114,7 +100,16 @@ async fn session(
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| Error::h2(format!("handshake with server {server}"), e))?;
-    stats.sessions_established.fetch_add(1, Ordering::Relaxed);
+    stats.sessions_established.inc();
+    stats.sessions.inc();
+    // Counted down however the session ends.
+    struct Down<'a>(&'a AgentMetrics);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            self.0.sessions.dec();
+        }
+    }
+    let _down = Down(stats);
     tracing::info!(server = %server, node = %cfg.node_id, "session up");
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
     let ka = crate::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us);
@@ -150,23 +145,39 @@ fn reject(mut respond: h2::server::SendResponse<Bytes>, status: u16, why: &str) 
 
 async fn serve_stream(
     cfg: &AgentConfig,
-    stats: &AgentStats,
+    stats: &AgentMetrics,
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
     if req.method() != http::Method::CONNECT {
+        stats
+            .refused
+            .get_or_create(&Reason {
+                reason: "not_connect",
+            })
+            .inc();
         return reject(respond, 405, "only CONNECT is served");
     }
     if let Some(n) = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok())
         && n != cfg.node_id
     {
-        stats.refused_node.fetch_add(1, Ordering::Relaxed);
+        stats
+            .refused
+            .get_or_create(&Reason {
+                reason: "other_node",
+            })
+            .inc();
         tracing::warn!(asked = n, node = %cfg.node_id, "stream for another node refused");
         return reject(respond, 421, "this agent serves another node");
     }
     let port = req.uri().port_u16();
     let Some(port) = port.filter(|p| cfg.allowed_ports.contains(p)) else {
-        stats.refused_port.fetch_add(1, Ordering::Relaxed);
+        stats
+            .refused
+            .get_or_create(&Reason {
+                reason: "port_not_allowed",
+            })
+            .inc();
         tracing::warn!(uri = %req.uri(), "stream for a port that is not allow-listed refused");
         return reject(respond, 403, "port not allow-listed on this node");
     };
@@ -182,7 +193,12 @@ async fn serve_stream(
         }
     }
     let Some(tcp) = tcp else {
-        stats.dial_failed.fetch_add(1, Ordering::Relaxed);
+        stats
+            .refused
+            .get_or_create(&Reason {
+                reason: "dial_failed",
+            })
+            .inc();
         tracing::warn!(port, "local dial failed: {last_err:?}");
         return reject(respond, 502, "nothing listens on that port on this node");
     };
@@ -193,14 +209,22 @@ async fn serve_stream(
     let Ok(tx) = respond.send_response(resp, false) else {
         return;
     };
-    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    stats.streams_total.inc();
+    stats.streams_open.inc();
     let out = relay::relay(tcp, tx, req.into_body()).await;
+    stats.streams_open.dec();
     stats
-        .bytes_to_service
-        .fetch_add(out.stream_to_tcp, Ordering::Relaxed);
+        .bytes
+        .get_or_create(&Direction {
+            direction: "to_node",
+        })
+        .inc_by(out.stream_to_tcp);
     stats
-        .bytes_from_service
-        .fetch_add(out.tcp_to_stream, Ordering::Relaxed);
+        .bytes
+        .get_or_create(&Direction {
+            direction: "from_node",
+        })
+        .inc_by(out.tcp_to_stream);
 }
 
 #[cfg(test)]

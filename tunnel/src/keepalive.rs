@@ -2,10 +2,9 @@
 //! process, a dropped NAT mapping, a pulled cable) is declared dead within
 //! `interval + timeout`, even when no stream is open, and its session is torn down so the
 //! agent reconnects and the server stops routing to it.
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Keepalive {
@@ -24,12 +23,14 @@ impl Default for Keepalive {
 }
 
 /// Pings until the peer fails to answer; returns why. `rtt_us` holds the last round trip.
-pub async fn run(mut pp: h2::PingPong, ka: Keepalive, rtt_us: &AtomicU64) -> String {
+pub async fn run(mut pp: h2::PingPong, ka: Keepalive, rtt_us: &Gauge) -> String {
     loop {
         tokio::time::sleep(ka.interval).await;
         let start = Instant::now();
         match tokio::time::timeout(ka.timeout, pp.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => rtt_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed),
+            Ok(Ok(_)) => {
+                rtt_us.set(start.elapsed().as_micros() as i64);
+            }
             Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
             Err(_) => {
                 return format!(

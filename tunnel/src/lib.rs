@@ -16,6 +16,7 @@ pub mod agent;
 pub mod error;
 pub mod identity;
 pub mod keepalive;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod tls;

@@ -14,7 +14,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    agent::{AgentConfig, AgentStats},
+    agent::{AgentConfig, AgentMetrics},
     keepalive::Keepalive,
     server::{Routes, Server, ServerConfig},
     tls,
@@ -47,6 +47,9 @@ struct Pki {
     /// Seconds a PING may go unanswered before the session is declared dead.
     #[arg(long, env = "TUNNEL_KEEPALIVE_TIMEOUT", default_value_t = 10.0)]
     keepalive_timeout: f64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "TUNNEL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Pki {
@@ -147,9 +150,18 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+    let err = |e: std::io::Error| format!("cannot listen on {addr} ({what}): {e}");
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    sock.bind(addr).map_err(err)?;
+    // A scrape of many nodes at once arrives as a burst: a deep accept queue keeps the kernel
+    // from answering it with SYN cookies and resets.
+    sock.listen(4096).map_err(err)
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -172,6 +184,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             cfg.keepalive = ka;
             let table = NodeTable::load(&node_table).map_err(|e| e.to_string())?;
             let server = Server::new(cfg, Routes::from_table(&table));
+            let mut registry = prometheus_client::registry::Registry::default();
+            server.stats().register(&mut registry);
+            let metrics_at = pki
+                .metrics_listen
+                .unwrap_or_else(|| "127.0.0.1:10267".parse().expect("static"));
+            let ml = bind(metrics_at, "metrics").await?;
+            tokio::spawn(tunnel::metrics::serve(
+                ml,
+                Arc::new(registry),
+                Arc::new(|| true),
+                stop.clone(),
+            ));
             let orig = Arc::new(Mutex::new(OrigDstTable::open(&pin_dir).map_err(|e| {
                 format!("{e} (start the redirector first, with the same --pin-dir)")
             })?));
@@ -198,7 +222,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 });
             }
             tokio::spawn(follow_node_table(server.clone(), node_table, stop.clone()));
-            tracing::info!(%agent_listen, %host_ingress, ?pod_ingress, "tunnel server ready");
+            tracing::info!(%agent_listen, %host_ingress, ?pod_ingress, metrics = %metrics_at, "tunnel server ready");
             server.serve_agents(agents, stop).await;
             Ok(())
         }
@@ -213,6 +237,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             let ka = pki.keepalive()?;
             let pem =
                 tls::PemFiles::load(&pki.ca, &pki.cert, &pki.key).map_err(|e| e.to_string())?;
+            let metrics = Arc::new(AgentMetrics::default());
+            let mut registry = prometheus_client::registry::Registry::default();
+            metrics.register(&mut registry);
+            let metrics_at = pki
+                .metrics_listen
+                .unwrap_or_else(|| "127.0.0.1:10268".parse().expect("static"));
+            let ml = bind(metrics_at, "metrics").await?;
+            let m = metrics.clone();
+            // Ready once at least one server session is up.
+            tokio::spawn(tunnel::metrics::serve(
+                ml,
+                Arc::new(registry),
+                Arc::new(move || m.sessions.get() > 0),
+                stop.clone(),
+            ));
             let cfg = AgentConfig {
                 node_id,
                 servers,
@@ -226,7 +265,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 backoff_max: Duration::from_secs(30),
                 keepalive: ka,
             };
-            tunnel::agent::run(cfg, Arc::new(AgentStats::default()), stop).await;
+            tunnel::agent::run(cfg, metrics, stop).await;
             Ok(())
         }
     }

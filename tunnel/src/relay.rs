@@ -50,18 +50,25 @@ async fn tcp_to_stream(mut rd: ReadHalf<'_>, mut tx: SendStream<Bytes>, moved: &
         let read = tokio::select! {
             r = rd.read(&mut buf) => r,
             // The peer aborted while this side had nothing to send.
-            _ = poll_fn(|cx| tx.poll_reset(cx)) => return End::Reset,
+            r = poll_fn(|cx| tx.poll_reset(cx)) => {
+                tracing::debug!("stream reset by peer while idle: {r:?}");
+                return End::Reset;
+            }
         };
         let n = match read {
             Ok(0) => {
                 // Half-close: the far side sees EOF and may still answer.
                 return match tx.send_data(Bytes::new(), true) {
                     Ok(()) => End::Closed,
-                    Err(_) => End::Reset,
+                    Err(e) => {
+                        tracing::debug!("could not send END_STREAM: {e}");
+                        End::Reset
+                    }
                 };
             }
             Ok(n) => n,
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!("TCP read failed, resetting the stream: {e}");
                 tx.send_reset(Reason::CANCEL);
                 return End::Reset;
             }
@@ -72,14 +79,18 @@ async fn tcp_to_stream(mut rd: ReadHalf<'_>, mut tx: SendStream<Bytes>, moved: &
             let granted = match poll_fn(|cx| tx.poll_capacity(cx)).await {
                 Some(Ok(g)) => g,
                 // The stream was reset or the session is gone.
-                _ => return End::Reset,
+                other => {
+                    tracing::debug!("no send capacity: {other:?}");
+                    return End::Reset;
+                }
             };
             if granted == 0 {
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
             let len = chunk.len() as u64;
-            if tx.send_data(chunk, false).is_err() {
+            if let Err(e) = tx.send_data(chunk, false) {
+                tracing::debug!("send_data failed: {e}");
                 return End::Reset;
             }
             *moved += len;
@@ -89,11 +100,16 @@ async fn tcp_to_stream(mut rd: ReadHalf<'_>, mut tx: SendStream<Bytes>, moved: &
 
 async fn stream_to_tcp(mut rx: RecvStream, mut wr: WriteHalf<'_>, moved: &mut u64) -> End {
     while let Some(frame) = rx.data().await {
-        let Ok(data) = frame else {
-            // RST_STREAM (or a dead session): the sender aborted.
-            return End::Reset;
+        let data = match frame {
+            Ok(d) => d,
+            Err(e) => {
+                // RST_STREAM (or a dead session): the sender aborted.
+                tracing::debug!("stream aborted by peer: {e}");
+                return End::Reset;
+            }
         };
-        if wr.write_all(&data).await.is_err() {
+        if let Err(e) = wr.write_all(&data).await {
+            tracing::debug!("TCP write failed: {e}");
             return End::Reset;
         }
         *moved += data.len() as u64;
@@ -106,6 +122,7 @@ async fn stream_to_tcp(mut rx: RecvStream, mut wr: WriteHalf<'_>, moved: &mut u6
         let _ = wr.shutdown().await;
         End::Closed
     } else {
+        tracing::debug!("stream ended without END_STREAM");
         End::Reset
     }
 }

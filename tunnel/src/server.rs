@@ -20,7 +20,9 @@ use tracing::Instrument;
 
 use crate::{
     error::{Error, Result},
-    identity, relay,
+    identity,
+    metrics::{Direction, Reason, ServerMetrics},
+    relay,
     relay::End,
 };
 
@@ -92,28 +94,6 @@ impl Refusal {
     }
 }
 
-/// Server counters (exposed as metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub sessions_accepted: AtomicU64,
-    pub sessions_rejected: AtomicU64,
-    pub streams_total: AtomicU64,
-    pub streams_open: AtomicU64,
-    pub bytes_to_node: AtomicU64,
-    pub bytes_from_node: AtomicU64,
-    pub streams_reset: AtomicU64,
-    /// Last keepalive round trip of any session, microseconds.
-    pub keepalive_rtt_us: AtomicU64,
-    pub sessions_dead: AtomicU64,
-    refused: [AtomicU64; 6],
-}
-
-impl Stats {
-    pub fn refused(&self, r: Refusal) -> u64 {
-        self.refused[r as usize].load(Ordering::Relaxed)
-    }
-}
-
 #[derive(Clone)]
 pub struct ServerConfig {
     pub tls: Arc<rustls::ServerConfig>,
@@ -148,7 +128,7 @@ struct Inner {
     routes: RwLock<Routes>,
     sessions: Mutex<HashMap<String, Session>>,
     next_session: AtomicU64,
-    stats: Stats,
+    stats: ServerMetrics,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -172,7 +152,7 @@ impl Server {
             routes: RwLock::new(routes),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
-            stats: Stats::default(),
+            stats: ServerMetrics::default(),
         }))
     }
 
@@ -180,8 +160,19 @@ impl Server {
         *self.0.routes.write().unwrap() = routes;
     }
 
-    pub fn stats(&self) -> &Stats {
+    pub fn stats(&self) -> &ServerMetrics {
         &self.0.stats
+    }
+
+    /// How many redirected connections were refused for `why`.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.0
+            .stats
+            .refused
+            .get_or_create(&Reason {
+                reason: why.label(),
+            })
+            .get()
     }
 
     /// Node IDs with a live session.
@@ -210,11 +201,7 @@ impl Server {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = server.agent_session(acceptor, tcp, peer, shutdown).await {
-                    server
-                        .0
-                        .stats
-                        .sessions_rejected
-                        .fetch_add(1, Ordering::Relaxed);
+                    server.0.stats.sessions_rejected.inc();
                     tracing::warn!(%peer, "agent session refused or failed: {e}");
                 }
             });
@@ -258,17 +245,18 @@ impl Server {
             .lock()
             .unwrap()
             .insert(node.clone(), Session { id, send });
+        self.0.stats.sessions_accepted.inc();
         self.0
             .stats
-            .sessions_accepted
-            .fetch_add(1, Ordering::Relaxed);
+            .sessions
+            .set(self.0.sessions.lock().unwrap().len() as i64);
         tracing::info!(node = %node, %peer, session = id, "agent session up");
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
         let ka = crate::keepalive::run(pings, self.0.cfg.keepalive, &self.0.stats.keepalive_rtt_us);
         let r = tokio::select! {
             r = conn => r.map_err(|e| Error::h2(format!("session of {node}"), e)),
             why = ka => {
-                self.0.stats.sessions_dead.fetch_add(1, Ordering::Relaxed);
+                self.0.stats.sessions_dead.inc();
                 Err(Error::Refused(format!("session of {node} is dead: {why}")))
             }
             _ = shutdown.cancelled() => Ok(()),
@@ -278,6 +266,7 @@ impl Server {
         if sessions.get(&node).is_some_and(|s| s.id == id) {
             sessions.remove(&node);
         }
+        self.0.stats.sessions.set(sessions.len() as i64);
         drop(sessions);
         tracing::info!(node = %node, session = id, "agent session down");
         r
@@ -421,23 +410,35 @@ impl Server {
             ));
         }
         let st = &self.0.stats;
-        st.streams_total.fetch_add(1, Ordering::Relaxed);
-        st.streams_open.fetch_add(1, Ordering::Relaxed);
+        st.streams_total.inc();
+        st.streams_open.inc();
         let out = relay::relay(tcp, tx, resp.into_body()).await;
-        st.streams_open.fetch_sub(1, Ordering::Relaxed);
-        st.bytes_to_node
-            .fetch_add(out.tcp_to_stream, Ordering::Relaxed);
-        st.bytes_from_node
-            .fetch_add(out.stream_to_tcp, Ordering::Relaxed);
+        st.streams_open.dec();
+        st.bytes
+            .get_or_create(&Direction {
+                direction: "to_node",
+            })
+            .inc_by(out.tcp_to_stream);
+        st.bytes
+            .get_or_create(&Direction {
+                direction: "from_node",
+            })
+            .inc_by(out.stream_to_tcp);
         if out.end == End::Reset {
-            st.streams_reset.fetch_add(1, Ordering::Relaxed);
+            st.streams_reset.inc();
         }
         tracing::debug!(up = out.tcp_to_stream, down = out.stream_to_tcp, end = ?out.end, "stream done");
         Ok(out)
     }
 
     fn refuse(&self, tcp: TcpStream, why: Refusal, msg: String) -> Refusal {
-        self.0.stats.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .stats
+            .refused
+            .get_or_create(&Reason {
+                reason: why.label(),
+            })
+            .inc();
         tracing::warn!(reason = why.label(), "{msg}");
         refuse_tcp(tcp);
         why

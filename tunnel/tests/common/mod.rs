@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    agent::{self, AgentConfig, AgentStats},
+    agent::{self, AgentConfig, AgentMetrics},
     identity,
     server::{Routes, Server, ServerConfig},
     tls,
@@ -150,7 +150,7 @@ pub async fn start_server(ca: &Ca, routes: Routes) -> RunningServer {
 }
 
 pub struct RunningAgent {
-    pub stats: Arc<AgentStats>,
+    pub stats: Arc<AgentMetrics>,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -179,7 +179,7 @@ pub fn agent_config(
 }
 
 pub fn start_agent(cfg: AgentConfig) -> RunningAgent {
-    let stats = Arc::new(AgentStats::default());
+    let stats = Arc::new(AgentMetrics::default());
     let stop = CancellationToken::new();
     let (s, t) = (stats.clone(), stop.clone());
     let task = tokio::spawn(async move { agent::run(cfg, s, t).await });
@@ -200,7 +200,12 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
 /// A service on `ip`:`port` (0 = any) that greets with `name`, echoes until EOF, then says
 /// "bye <n>" with the number of bytes it got, and closes.
 pub async fn greeting_service(ip: IpAddr, port: u16, name: &'static str) -> u16 {
-    let l = TcpListener::bind(SocketAddr::new(ip, port)).await.unwrap();
+    // Backlog 4096: the default 1024 overflows when a test opens 1,000 streams at once, and
+    // the kernel's SYN-flood handling then resets some of them (a fixture limit, not ours).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_reuseaddr(true).unwrap();
+    sock.bind(SocketAddr::new(ip, port)).unwrap();
+    let l = sock.listen(4096).unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {

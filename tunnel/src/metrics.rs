@@ -1,0 +1,198 @@
+//! Prometheus metrics for both ends (prometheus-client), and the small HTTP endpoint that
+//! serves them with `/healthz` and `/readyz` (hyper).
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    /// `to_node` (client -> edge service) or `from_node`.
+    pub direction: &'static str,
+}
+
+/// Server-side metrics. Cloning shares the underlying values.
+#[derive(Clone, Default)]
+pub struct ServerMetrics {
+    pub sessions: Gauge,
+    pub sessions_accepted: Counter,
+    pub sessions_rejected: Counter,
+    pub sessions_dead: Counter,
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub streams_reset: Counter,
+    pub bytes: Family<Direction, Counter>,
+    pub refused: Family<Reason, Counter>,
+    /// Last keepalive round trip of any session, microseconds.
+    pub keepalive_rtt_us: Gauge,
+}
+
+impl ServerMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tunnel_server_sessions",
+            "Agent sessions currently up",
+            self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_server_sessions_accepted",
+            "Agent sessions accepted",
+            self.sessions_accepted.clone(),
+        );
+        r.register(
+            "tunnel_server_sessions_rejected",
+            "Agent sessions refused (TLS, identity) or failed",
+            self.sessions_rejected.clone(),
+        );
+        r.register(
+            "tunnel_server_sessions_dead",
+            "Agent sessions torn down by keepalive",
+            self.sessions_dead.clone(),
+        );
+        r.register(
+            "tunnel_server_streams_open",
+            "Streams currently relaying",
+            self.streams_open.clone(),
+        );
+        r.register(
+            "tunnel_server_streams",
+            "Streams opened",
+            self.streams_total.clone(),
+        );
+        r.register(
+            "tunnel_server_streams_reset",
+            "Streams that ended in an abort",
+            self.streams_reset.clone(),
+        );
+        r.register("tunnel_server_bytes", "Bytes relayed", self.bytes.clone());
+        r.register(
+            "tunnel_server_refused",
+            "Redirected connections refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "tunnel_server_keepalive_rtt_microseconds",
+            "Last keepalive round trip",
+            self.keepalive_rtt_us.clone(),
+        );
+    }
+}
+
+/// Agent-side metrics.
+#[derive(Clone, Default)]
+pub struct AgentMetrics {
+    pub sessions: Gauge,
+    pub sessions_established: Counter,
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub bytes: Family<Direction, Counter>,
+    pub refused: Family<Reason, Counter>,
+    pub keepalive_rtt_us: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tunnel_agent_sessions",
+            "Server sessions currently up",
+            self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_agent_sessions_established",
+            "Server sessions established",
+            self.sessions_established.clone(),
+        );
+        r.register(
+            "tunnel_agent_streams_open",
+            "Streams currently relaying",
+            self.streams_open.clone(),
+        );
+        r.register(
+            "tunnel_agent_streams",
+            "Streams served",
+            self.streams_total.clone(),
+        );
+        r.register("tunnel_agent_bytes", "Bytes relayed", self.bytes.clone());
+        r.register(
+            "tunnel_agent_refused",
+            "Streams refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "tunnel_agent_keepalive_rtt_microseconds",
+            "Last keepalive round trip",
+            self.keepalive_rtt_us.clone(),
+        );
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`. `ready` decides readiness.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, _peer): (_, SocketAddr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let (registry, ready) = (registry.clone(), ready.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (registry, ready) = (registry.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(respond(req.uri().path(), &registry, &*ready)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    path: &str,
+    registry: &Registry,
+    ready: &(dyn Fn() -> bool + Send + Sync),
+) -> Response<Full<bytes::Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            let mut s = String::new();
+            match prometheus_client::encoding::text::encode(&mut s, registry) {
+                Ok(()) => (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    s,
+                ),
+                Err(e) => (500, "text/plain", format!("encoding metrics: {e}\n")),
+            }
+        }
+        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/readyz" if ready() => (200, "text/plain", "ready\n".into()),
+        "/readyz" => (503, "text/plain", "not ready\n".into()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz, /readyz\n".into(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(body.into()))
+        .expect("static response")
+}
