@@ -3,8 +3,10 @@
 //! dialling its own node on an allow-listed port. It is not an open proxy: the host part of the
 //! request is ignored, only the configured local addresses are ever dialled.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
+    future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -26,8 +28,12 @@ use crate::{
 pub struct AgentConfig {
     /// This node's name; requests naming another node are refused.
     pub node_id: String,
-    /// Server replicas to keep a session with, each `host:port`.
+    /// Server replicas to keep a session with, each `host:port`; a name may resolve to
+    /// several replicas, each gets its own session.
     pub servers: Vec<String>,
+    pub resolver: Resolver,
+    /// How often the server entries are resolved again (replicas added or removed).
+    pub resolve_interval: Duration,
     /// The name the servers' certificate carries.
     pub server_name: ServerName<'static>,
     pub tls: Arc<rustls::ClientConfig>,
@@ -50,31 +56,100 @@ fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     Duration::from_secs_f64(exp.as_secs_f64() * (0.5 + jitter / 2.0))
 }
 
-/// Keeps one session per server until `shutdown`.
-pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: CancellationToken) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for server in cfg.servers.clone() {
-        let (cfg, stats, shutdown) = (cfg.clone(), stats.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let mut attempt = 0u32;
-            while !shutdown.is_cancelled() {
-                match session(&cfg, &server, &stats, &shutdown).await {
-                    // A session that came up resets the backoff.
-                    Ok(()) => attempt = 0,
-                    Err(e) => {
-                        tracing::warn!(server = %server, "session failed: {e}");
-                        attempt += 1;
-                    }
-                }
-                let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(wait) => {}
+/// Finds the replicas behind one configured server entry (a `host:port` whose name may resolve
+/// to several addresses, e.g. a headless Service).
+pub type Resolver =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Vec<SocketAddr>> + Send>> + Send + Sync>;
+
+/// DNS through the system resolver.
+pub fn dns_resolver() -> Resolver {
+    Arc::new(|entry: String| {
+        Box::pin(async move {
+            match tokio::net::lookup_host(entry.as_str()).await {
+                Ok(addrs) => addrs.collect(),
+                Err(e) => {
+                    tracing::warn!(server = %entry, "cannot resolve: {e}");
+                    Vec::new()
                 }
             }
+        })
+    })
+}
+
+/// Keeps one session to every server replica until `shutdown`: resolves each configured entry
+/// every `resolve_interval`, starts a session for each new address, stops sessions of
+/// addresses that went away. A failed resolution keeps the last known replicas.
+pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: CancellationToken) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut last_known: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    loop {
+        let mut want = BTreeSet::new();
+        for entry in &cfg.servers {
+            let found = (cfg.resolver)(entry.clone()).await;
+            let addrs = if found.is_empty() {
+                last_known.get(entry).cloned().unwrap_or_default()
+            } else {
+                last_known.insert(entry.clone(), found.clone());
+                found
+            };
+            want.extend(addrs);
+        }
+        let new: Vec<SocketAddr> = want
+            .iter()
+            .filter(|a| !running.contains_key(a))
+            .copied()
+            .collect();
+        for addr in &new {
+            tracing::info!(server = %addr, "server replica found; starting a session");
+            let token = shutdown.child_token();
+            running.insert(*addr, token.clone());
+            tasks.spawn(keep_session(
+                cfg.clone(),
+                addr.to_string(),
+                stats.clone(),
+                token,
+            ));
+        }
+        running.retain(|addr, token| {
+            let keep = want.contains(addr);
+            if !keep {
+                tracing::info!(server = %addr, "server replica gone; closing its session");
+                token.cancel();
+            }
+            keep
         });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(cfg.resolve_interval) => {}
+        }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// One server replica: reconnect with backoff until cancelled.
+async fn keep_session(
+    cfg: AgentConfig,
+    server: String,
+    stats: Arc<AgentMetrics>,
+    stop: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    while !stop.is_cancelled() {
+        match session(&cfg, &server, &stats, &stop).await {
+            // A session that came up resets the backoff.
+            Ok(()) => attempt = 0,
+            Err(e) => {
+                tracing::warn!(server = %server, "session failed: {e}");
+                attempt += 1;
+            }
+        }
+        let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 async fn session(

@@ -255,6 +255,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let cfg = AgentConfig {
                 node_id,
                 servers,
+                resolver: tunnel::agent::dns_resolver(),
+                resolve_interval: Duration::from_secs(30),
                 server_name: ServerName::try_from(server_name)
                     .map_err(|e| format!("--server-name: {e}"))?,
                 tls: tls::agent_config(&pem.ca, pem.chain, pem.key).map_err(|e| e.to_string())?,

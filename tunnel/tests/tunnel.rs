@@ -729,5 +729,173 @@ async fn a_silent_peer_is_found_by_keepalive_on_both_sides_within_interval_plus_
     // Thawed: the agent reconnects through the same path.
     frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     wait_for(|| server.connected_nodes() == ["edge-a"], "reconnection").await;
-    assert!(a.stats.sessions_established.get() >= 2);
+    // The server registers a session as soon as its side of the handshake is done; the
+    // agent counts it when its side is.
+    wait_for(
+        || a.stats.sessions_established.get() >= 2,
+        "the agent to count its second session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replicas_behind_one_name_each_get_a_session_and_follow_the_name_as_it_changes() {
+    let ca = Ca::new("cluster CA");
+    let (s1, s2, s3) = (
+        start_server(&ca, routes(TABLE)).await,
+        start_server(&ca, routes(TABLE)).await,
+        start_server(&ca, routes(TABLE)).await,
+    );
+    // Stands in for DNS: "tunnel.test:10262" resolves to whatever this list holds.
+    let replicas = std::sync::Arc::new(std::sync::Mutex::new(vec![s1.agent_addr, s2.agent_addr]));
+    let r = replicas.clone();
+    let mut cfg = agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    );
+    cfg.servers = vec!["tunnel.test:10262".into()];
+    cfg.resolve_interval = Duration::from_millis(50);
+    cfg.resolver = std::sync::Arc::new(move |entry: String| {
+        assert_eq!(entry, "tunnel.test:10262");
+        let v = r.lock().unwrap().clone();
+        Box::pin(async move { v })
+    });
+    let _a = start_agent(cfg);
+    let up = |s: &RunningServer| s.server.connected_nodes() == ["edge-a"];
+    wait_for(
+        || up(&s1) && up(&s2) && !up(&s3),
+        "sessions to both resolved replicas",
+    )
+    .await;
+
+    *replicas.lock().unwrap() = vec![s2.agent_addr, s3.agent_addr];
+    wait_for(
+        || !up(&s1) && up(&s2) && up(&s3),
+        "the session set to follow the new answer",
+    )
+    .await;
+
+    // A failed resolution (no answer) keeps the replicas last known.
+    replicas.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        up(&s2) && up(&s3),
+        "sessions kept while the name does not resolve"
+    );
+}
+
+/// Plays a tunnel server towards a real agent, to send it requests a real server never sends.
+async fn fake_server(
+    ca: &Ca,
+) -> (
+    tokio::net::TcpListener,
+    std::sync::Arc<rustls::ServerConfig>,
+) {
+    let leaf = ca.server();
+    let tls =
+        tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap();
+    (
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls,
+    )
+}
+
+#[tokio::test]
+async fn unexpected_requests_and_a_garbled_session_end_only_that_stream_or_that_session() {
+    let (logs, _g) = capture_logs();
+    let ca = Ca::new("cluster CA");
+    let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
+    let (listener, tls) = fake_server(&ca).await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let a = start_agent(agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[listener.local_addr().unwrap()],
+        "127.0.0.2".parse().unwrap(),
+        &[port],
+    ));
+
+    // First session: garbage instead of HTTP/2. The agent logs it and dials again.
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut garbled = acceptor.accept(tcp).await.unwrap();
+    garbled
+        .write_all(b"this is not an HTTP/2 preface or frame\r\n\r\n")
+        .await
+        .unwrap();
+    garbled.flush().await.unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    drop(garbled);
+    wait_for(
+        || logs.text().contains("handshake with server"),
+        "the agent to report the garbled session",
+    )
+    .await;
+
+    // Second session: well-formed HTTP/2, odd requests.
+    let tls = acceptor.accept(tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let mut ask = |method: http::Method, uri: String, node: Option<&str>| {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        if let Some(n) = node {
+            b = b.header(tunnel::server::NODE_HEADER, n);
+        }
+        let (resp, _tx) = send.send_request(b.body(()).unwrap(), false).unwrap();
+        resp
+    };
+    let cases = [
+        (
+            http::Method::GET,
+            format!("http://127.0.0.1:{port}/"),
+            None,
+            405,
+        ),
+        (http::Method::CONNECT, "127.0.0.1:22".to_string(), None, 403),
+        (
+            http::Method::CONNECT,
+            format!("127.0.0.1:{port}"),
+            Some("edge-b"),
+            421,
+        ),
+    ];
+    for (method, uri, node, status) in cases {
+        let resp = ask(method.clone(), uri.clone(), node).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {uri} {node:?}");
+    }
+    // The same session still serves a proper stream.
+    let resp = ask(
+        http::Method::CONNECT,
+        format!("127.0.0.1:{port}"),
+        Some("edge-a"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.data().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"I am edge-a\n");
+    let refused = |r: &str| {
+        a.stats
+            .refused
+            .get_or_create(&tunnel::metrics::Reason {
+                reason: match r {
+                    "m" => "not_connect",
+                    "p" => "port_not_allowed",
+                    _ => "other_node",
+                },
+            })
+            .get()
+    };
+    assert_eq!((refused("m"), refused("p"), refused("n")), (1, 1, 1));
+    assert!(
+        logs.text().contains("stream for another node refused"),
+        "{}",
+        logs.text()
+    );
 }

@@ -166,6 +166,8 @@ pub fn agent_config(
     AgentConfig {
         node_id: node.to_owned(),
         servers: servers.iter().map(ToString::to_string).collect(),
+        resolver: agent::dns_resolver(),
+        resolve_interval: Duration::from_secs(30),
         server_name: ServerName::try_from("tunnel.test").unwrap(),
         tls: tls::agent_config(std::slice::from_ref(&ca_trusted.cert), leaf.chain, leaf.key)
             .unwrap(),
