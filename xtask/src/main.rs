@@ -128,7 +128,8 @@ fn main() -> Result<()> {
         Task::Bench { name, args } => {
             let bin = match name.as_str() {
                 "redirect" => "bench-redirect",
-                other => bail!("unknown benchmark {other:?}; known: redirect"),
+                "tunnel" => "bench-tunnel",
+                other => bail!("unknown benchmark {other:?}; known: redirect, tunnel"),
             };
             run(cargo().args(["build", "--release", "--bins"]))?;
             run(Command::new(format!("target/release/{bin}")).args(args))

@@ -1,0 +1,406 @@
+//! Benchmark: the whole path (eBPF redirect, tunnel server, mutual TLS, agent, local service)
+//! against a direct loopback connection and against rathole (TLS transport) as a peer reverse
+//! tunnel, side by side in one run. Root only; builds its own namespaces and cgroup.
+//!
+//! `bench-tunnel [--rathole PATH] [--conns N] [--mib N] [--idle N] [--out FILE]`
+//!
+//! Figures: connection setup (connect + 1-byte echo + close) p50/p99; one stream's upload
+//! throughput; 64 streams' aggregate; one stream's throughput while a neighbour on the same
+//! session is stalled; RSS per idle stream on each side. Clients are separate processes.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+use redirector_tests::{LoggedProc, Netns, RedirectorProc, World, free_addr, pki::TestPki, spawn};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    client: Option<ClientCmd>,
+    /// rathole 0.5 binary (built with its default TLS feature); skipped if absent.
+    #[arg(long, default_value = "/tmp/rathole-inst/bin/rathole")]
+    rathole: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    conns: usize,
+    /// MiB uploaded per throughput measurement.
+    #[arg(long, default_value_t = 512)]
+    mib: usize,
+    /// Idle streams for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    #[arg(long, default_value = "target/bench/tunnel.json")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Internal: sequential connect + 1-byte echo + close; prints latencies (ns).
+    Latency { target: SocketAddr, count: usize },
+    /// Internal: `streams` uploads of `bytes` each; prints seconds.
+    Upload { target: SocketAddr, bytes: u64, streams: usize },
+    /// Internal: opens `count` connections, prints "ready", holds them until stdin closes.
+    Idle { target: SocketAddr, count: usize },
+    /// Internal: opens one connection and never reads from it; holds until stdin closes.
+    Stall { target: SocketAddr },
+}
+
+fn client(cmd: ClientCmd) -> Result<()> {
+    match cmd {
+        ClientCmd::Latency { target, count } => {
+            let mut ns = Vec::with_capacity(count);
+            for i in 0..count + 20 {
+                let t = Instant::now();
+                let mut s = TcpStream::connect(target)?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                drop(s);
+                if i >= 20 {
+                    ns.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            println!("{}", serde_json::to_string(&ns)?);
+        }
+        ClientCmd::Upload { target, bytes, streams } => {
+            let t = Instant::now();
+            let hs: Vec<_> = (0..streams)
+                .map(|_| {
+                    thread::spawn(move || -> Result<u64> {
+                        let mut s = TcpStream::connect(target)?;
+                        let buf = vec![0x5au8; 256 * 1024];
+                        let mut left = bytes;
+                        while left > 0 {
+                            let n = left.min(buf.len() as u64) as usize;
+                            s.write_all(&buf[..n])?;
+                            left -= n as u64;
+                        }
+                        s.shutdown(std::net::Shutdown::Write)?;
+                        let mut c = [0u8; 8];
+                        s.read_exact(&mut c)?;
+                        Ok(u64::from_be_bytes(c))
+                    })
+                })
+                .collect();
+            for h in hs {
+                let got = h.join().expect("upload thread")?;
+                ensure!(got == bytes, "service counted {got} bytes, sent {bytes}");
+            }
+            println!("{}", t.elapsed().as_secs_f64());
+        }
+        ClientCmd::Idle { target, count } => {
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                held.push(TcpStream::connect(target)?);
+            }
+            println!("ready");
+            std::io::stdout().flush()?;
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+        }
+        ClientCmd::Stall { target } => {
+            let _s = TcpStream::connect(target)?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+        }
+    }
+    Ok(())
+}
+
+/// The edge services, one port each: 1-byte echo, discard-and-count, firehose, hold.
+struct Services {
+    echo: u16,
+    discard: u16,
+    firehose: u16,
+    hold: u16,
+}
+
+fn services(edge: &Netns) -> Services {
+    let _in = edge.enter();
+    let l = || redirector_tests::servers::listen("127.0.0.1:0".parse().unwrap());
+    let (echo, discard, firehose, hold) = (l(), l(), l(), l());
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    let s = Services { echo: port(&echo), discard: port(&discard), firehose: port(&firehose), hold: port(&hold) };
+    thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            let mut c = c;
+            let mut b = [0u8; 1];
+            if c.read_exact(&mut b).is_ok() {
+                let _ = c.write_all(&b);
+            }
+        }
+    });
+    thread::spawn(move || {
+        for c in discard.incoming().flatten() {
+            thread::spawn(move || {
+                let mut c = c;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = c.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+    thread::spawn(move || {
+        for c in firehose.incoming().flatten() {
+            thread::spawn(move || {
+                let mut c = c;
+                let buf = vec![7u8; 64 * 1024];
+                while c.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hold.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    s
+}
+
+fn run_client(ns: &Netns, cg: Option<&redirector_tests::TestCgroup>, args: &[String]) -> Result<String> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args);
+    spawn::place(&mut cmd, cg, Some(ns));
+    let out = cmd.output()?;
+    ensure!(out.status.success(), "client {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Starts a holding client (idle or stall) and returns it once its connections are open.
+fn holder(ns: &Netns, cg: Option<&redirector_tests::TestCgroup>, args: &[String]) -> Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+    spawn::place(&mut cmd, cg, Some(ns));
+    let mut child = cmd.spawn()?;
+    let mut line = [0u8; 6];
+    child.stdout.as_mut().unwrap().read_exact(&mut line).context("holder did not get ready")?;
+    Ok(child)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+/// One path under test: where its clients run and what they dial for each service.
+struct Path<'a> {
+    name: &'static str,
+    ns: &'a Netns,
+    cg: Option<&'a redirector_tests::TestCgroup>,
+    echo: SocketAddr,
+    discard: SocketAddr,
+    firehose: SocketAddr,
+    hold: SocketAddr,
+    /// Processes whose RSS is charged to idle streams.
+    pids: Vec<u32>,
+}
+
+fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json::Value> {
+    let mut lat: Vec<u64> = serde_json::from_str(&run_client(p.ns, p.cg, &["latency".into(), p.echo.to_string(), conns.to_string()])?)?;
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let bytes = (mib as u64) << 20;
+    let up = |streams: usize| -> Result<f64> {
+        let per = bytes / streams as u64;
+        let secs: f64 = run_client(p.ns, p.cg, &["upload".into(), p.discard.to_string(), per.to_string(), streams.to_string()])?.trim().parse()?;
+        Ok((per * streams as u64) as f64 / secs / 1e6)
+    };
+    let single = up(1)?;
+    let agg = up(64)?;
+    let mut stall = holder(p.ns, p.cg, &["stall".into(), p.firehose.to_string()])?;
+    thread::sleep(Duration::from_millis(300));
+    let stalled = up(1)?;
+    drop(stall.stdin.take());
+    let _ = stall.wait();
+    let before: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
+    let mut idle_c = holder(p.ns, p.cg, &["idle".into(), p.hold.to_string(), idle.to_string()])?;
+    thread::sleep(Duration::from_millis(500));
+    let after: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
+    drop(idle_c.stdin.take());
+    let _ = idle_c.wait();
+    let per_stream: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / idle as f64).collect();
+    Ok(json!({
+        "path": p.name, "setup_p50_us": p50, "setup_p99_us": p99,
+        "single_stream_MBps": single, "aggregate_64_MBps": agg, "single_with_stalled_neighbour_MBps": stalled,
+        "rss_bytes_per_idle_stream": per_stream,
+    }))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(c) = cli.client {
+        return client(c);
+    }
+    redirector_tests::require_root();
+    let w = World::new();
+    let svc = services(&w.edge);
+    let pki = TestPki::new(&w.dir);
+    let (srv_cert, srv_key) = pki.server("tunnel.test");
+    let (ingress, agents_at, metrics_at, rh_ctl, rh_visit) = {
+        let _m = w.master.enter();
+        (free_addr("127.0.0.1"), free_addr("198.51.100.1"), free_addr("127.0.0.1"), free_addr("198.51.100.1"), free_addr("127.0.0.1"))
+    };
+    let ports = format!("{},{},{},{}", svc.echo, svc.discard, svc.firehose, svc.hold);
+    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &["--ports", &ports]);
+    let s = |p: &std::path::Path| p.display().to_string();
+    let mut server = LoggedProc::spawn(&w, "tunnel-server", &w.master, "tunnel", &[
+        "server", "--ca", &s(&pki.ca_pem), "--cert", &s(&srv_cert), "--key", &s(&srv_key),
+        "--agent-listen", &agents_at.to_string(), "--host-ingress", &ingress.to_string(),
+        "--node-table", &s(&w.node_table), "--pin-dir", &s(&w.pin_dir), "--metrics-listen", &metrics_at.to_string(),
+    ]);
+    server.wait_log(&["tunnel server ready"]);
+    let (ac, ak) = pki.agent("edge-a");
+    let agent = LoggedProc::spawn(&w, "agent", &w.edge, "tunnel", &[
+        "agent", "--node-id", "edge-a", "--servers", &agents_at.to_string(), "--server-name", "tunnel.test",
+        "--ca", &s(&pki.ca_pem), "--cert", &s(&ac), "--key", &s(&ak), "--ports", &ports, "--dial", "127.0.0.1",
+        "--metrics-listen", "127.0.0.1:0",
+    ]);
+    server.wait_log(&["agent session up", "node=edge-a"]);
+
+    let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let node = |p: u16| SocketAddr::from(([198, 51, 100, 10], p));
+    let mut paths = vec![
+        Path { name: "direct loopback", ns: &w.edge, cg: None, echo: local(svc.echo), discard: local(svc.discard), firehose: local(svc.firehose), hold: local(svc.hold), pids: vec![] },
+        Path { name: "edge-redirector (eBPF + h2/mTLS tunnel)", ns: &w.master, cg: Some(&w.cgroup), echo: node(svc.echo), discard: node(svc.discard), firehose: node(svc.firehose), hold: node(svc.hold), pids: vec![server.child.id(), agent.child.id()] },
+    ];
+
+    // rathole: one service per edge port, each exposed on its own visitor port in master.
+    let mut rathole_procs = Vec::new();
+    if cli.rathole.exists() {
+        match start_rathole(&w, &cli.rathole, &pki, rh_ctl, rh_visit, &svc) {
+            Ok((procs, visit)) => {
+                let pids = procs.iter().map(|p: &LoggedProc| p.child.id()).collect();
+                rathole_procs = procs;
+                paths.push(Path { name: "rathole 0.5 (TLS)", ns: &w.master, cg: None, echo: visit[0], discard: visit[1], firehose: visit[2], hold: visit[3], pids });
+            }
+            Err(e) => eprintln!("bench: rathole skipped: {e:#}"),
+        }
+    } else {
+        eprintln!("bench: rathole not found at {} (cargo install rathole@0.5.0 --root /tmp/rathole-inst); skipped", cli.rathole.display());
+    }
+
+    let mut results = Vec::new();
+    for p in &paths {
+        eprintln!("bench: measuring {}", p.name);
+        results.push(measure(p, cli.conns, cli.mib, cli.idle)?);
+    }
+    drop(rathole_procs);
+    print_table(&results);
+    let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "idle_streams": cli.idle, "results": results});
+    if let Some(d) = cli.out.parent() {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(&cli.out, serde_json::to_string_pretty(&out)?)?;
+    println!("wrote {}", cli.out.display());
+    Ok(())
+}
+
+fn start_rathole(w: &World, bin: &std::path::Path, pki: &TestPki, ctl: SocketAddr, visit0: SocketAddr, svc: &Services) -> Result<(Vec<LoggedProc>, Vec<SocketAddr>)> {
+    let _ = pki;
+    // rathole's TLS is native-tls: the server needs a PKCS#12 identity.
+    let dir = &w.dir;
+    let key = dir.join("rh-key.pem");
+    let crt = dir.join("rh-cert.pem");
+    let pfx = dir.join("rh.pfx");
+    let ok = |c: &mut Command| -> Result<()> {
+        let o = c.output()?;
+        if !o.status.success() {
+            bail!("{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    };
+    ok(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=rathole.test", "-addext", "subjectAltName=DNS:rathole.test"]).arg("-keyout").arg(&key).arg("-out").arg(&crt))?;
+    ok(Command::new("openssl").args(["pkcs12", "-export", "-passout", "pass:bench"]).arg("-inkey").arg(&key).arg("-in").arg(&crt).arg("-out").arg(&pfx))?;
+    let visit: Vec<SocketAddr> = {
+        let _m = w.master.enter();
+        (0..4).map(|i| if i == 0 { visit0 } else { free_addr("127.0.0.1") }).collect()
+    };
+    let names = ["echo", "discard", "firehose", "hold"];
+    let ports = [svc.echo, svc.discard, svc.firehose, svc.hold];
+    let mut server_toml = format!("[server]\nbind_addr = \"{ctl}\"\n[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n", pfx.display());
+    let mut client_toml = format!("[client]\nremote_addr = \"{ctl}\"\n[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"rathole.test\"\n", crt.display());
+    for (i, n) in names.iter().enumerate() {
+        server_toml.push_str(&format!("[server.services.{n}]\ntoken = \"bench-token\"\nbind_addr = \"{}\"\n", visit[i]));
+        client_toml.push_str(&format!("[client.services.{n}]\ntoken = \"bench-token\"\nlocal_addr = \"127.0.0.1:{}\"\n", ports[i]));
+    }
+    let (st, ct) = (dir.join("rathole-server.toml"), dir.join("rathole-client.toml"));
+    fs::write(&st, server_toml)?;
+    fs::write(&ct, client_toml)?;
+    let spawn_rh = |name: &str, ns: &Netns, cfg: &std::path::Path| -> LoggedProc {
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(bin);
+        cmd.arg(cfg).stdout(Stdio::null()).stderr(fs::File::create(&log).unwrap()).env("RUST_LOG", "info");
+        spawn::place(&mut cmd, None, Some(ns));
+        LoggedProc { child: cmd.spawn().expect("rathole"), log_file: log }
+    };
+    let server = spawn_rh("rathole-server", &w.master, &st);
+    let client = spawn_rh("rathole-client", &w.edge, &ct);
+    // Ready when every service's control channel is up: a visitor connection then works.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = {
+            let _m = w.master.enter();
+            TcpStream::connect(visit[0]).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)
+            })
+        };
+        if probe.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("rathole not ready in 20 s:\n{}\n{}", server.log(), client.log());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok((vec![server, client], visit))
+}
+
+fn print_table(results: &[serde_json::Value]) {
+    let direct = &results[0];
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!("\n{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}", "path", "setup p50", "setup p99", "1 stream", "64 streams", "1 + stalled", "RSS/idle stream");
+    println!("{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}", "", "us", "us", "MB/s", "MB/s", "MB/s", "bytes (each side)");
+    for r in results {
+        let rss: Vec<String> = r["rss_bytes_per_idle_stream"].as_array().map(|a| a.iter().map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0))).collect()).unwrap_or_default();
+        println!(
+            "{:<42} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>14.0} {:>18}",
+            r["path"].as_str().unwrap_or("?"), f(r, "setup_p50_us"), f(r, "setup_p99_us"), f(r, "single_stream_MBps"),
+            f(r, "aggregate_64_MBps"), f(r, "single_with_stalled_neighbour_MBps"), rss.join(" / ")
+        );
+    }
+    println!("\nratios to direct loopback (setup p50: lower is better; throughput: higher is better)");
+    for r in &results[1..] {
+        println!(
+            "  {:<40} setup {:.1}x | 1 stream {:.2}x | 64 streams {:.2}x | stalled neighbour costs {:.0}%",
+            r["path"].as_str().unwrap_or("?"),
+            f(r, "setup_p50_us") / f(direct, "setup_p50_us"),
+            f(r, "single_stream_MBps") / f(direct, "single_stream_MBps"),
+            f(r, "aggregate_64_MBps") / f(direct, "aggregate_64_MBps"),
+            (1.0 - f(r, "single_with_stalled_neighbour_MBps") / f(r, "single_stream_MBps")) * 100.0,
+        );
+    }
+}
