@@ -149,7 +149,19 @@ fn set_abortive_close(fd: BorrowedFd<'_>) {
 }
 
 /// Relays until both directions ended cleanly, or either side aborted.
-pub async fn relay(mut tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> Outcome {
+pub async fn relay(tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> Outcome {
+    relay_before_answer(tcp, tx, async { Some(rx) }).await
+}
+
+/// Like [`relay`], but the stream's receive half arrives later (the peer's answer to the stream
+/// open). Bytes the client sends meanwhile flow at once, which saves a round trip for
+/// protocols where the client speaks first (a TLS ClientHello). `None` from `answer` (the peer
+/// refused) aborts the connection with a reset.
+pub async fn relay_before_answer(
+    mut tcp: TcpStream,
+    tx: SendStream<Bytes>,
+    answer: impl std::future::Future<Output = Option<RecvStream>>,
+) -> Outcome {
     let _ = tcp.set_nodelay(true);
     let raw = tcp.as_raw_fd();
     // Borrowed halves: unlike owned ones, dropping the write half does not send a FIN, which
@@ -158,7 +170,12 @@ pub async fn relay(mut tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) ->
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     let end = {
         let up = tcp_to_stream(rd, tx, &mut up_bytes);
-        let down = stream_to_tcp(rx, wr, &mut down_bytes);
+        let down = async {
+            match answer.await {
+                Some(rx) => stream_to_tcp(rx, wr, &mut down_bytes).await,
+                None => End::Reset,
+            }
+        };
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {

@@ -370,11 +370,8 @@ impl Server {
                 .header(NODE_HEADER, &node)
                 .body(())
                 .map_err(|e| e.to_string())?;
-            let (resp, tx) = send
-                .send_request(req, false)
-                .map_err(|e| format!("opening stream: {e}"))?;
-            let resp = resp.await.map_err(|e| format!("awaiting agent: {e}"))?;
-            Ok::<_, String>((resp, tx))
+            send.send_request(req, false)
+                .map_err(|e| format!("opening stream: {e}"))
         };
         let (resp, tx) = match tokio::time::timeout(self.0.cfg.open_timeout, open).await {
             Ok(Ok(x)) => x,
@@ -386,34 +383,55 @@ impl Server {
                 ));
             }
             Err(_) => {
-                return Err(self.refuse(
-                    tcp,
+                let msg = format!(
+                    "port {port}: session busy for {:?}",
+                    self.0.cfg.open_timeout
+                );
+                return Err(self.refuse(tcp, Refusal::StreamOpenFailed, msg));
+            }
+        };
+        // The agent's answer is awaited inside the relay: the client's first bytes travel with
+        // the stream open instead of one round trip later.
+        let refused: Mutex<Option<Refusal>> = Mutex::new(None);
+        let answer = async {
+            let why = match tokio::time::timeout(self.0.cfg.open_timeout, resp).await {
+                Ok(Ok(r)) if r.status() == http::StatusCode::OK => return Some(r.into_body()),
+                Ok(Ok(r)) => {
+                    let detail = r
+                        .headers()
+                        .get("x-edge-error")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    (
+                        Refusal::AgentRefused,
+                        format!("port {port}: agent answered {}: {detail}", r.status()),
+                    )
+                }
+                Ok(Err(e)) => (
+                    Refusal::StreamOpenFailed,
+                    format!("port {port}: awaiting agent: {e}"),
+                ),
+                Err(_) => (
                     Refusal::StreamOpenFailed,
                     format!(
                         "port {port}: no answer from the agent in {:?}",
                         self.0.cfg.open_timeout
                     ),
-                ));
-            }
+                ),
+            };
+            self.note_refusal(why.0, &why.1);
+            *refused.lock().unwrap() = Some(why.0);
+            None
         };
-        if resp.status() != http::StatusCode::OK {
-            let why = resp
-                .headers()
-                .get("x-edge-error")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            return Err(self.refuse(
-                tcp,
-                Refusal::AgentRefused,
-                format!("port {port}: agent answered {}: {why}", resp.status()),
-            ));
-        }
         let st = &self.0.stats;
-        st.streams_total.inc();
         st.streams_open.inc();
-        let out = relay::relay(tcp, tx, resp.into_body()).await;
+        let out = relay::relay_before_answer(tcp, tx, answer).await;
         st.streams_open.dec();
+        if let Some(why) = *refused.lock().unwrap() {
+            return Err(why);
+        }
+        st.streams_total.inc();
         st.bytes
             .get_or_create(&Direction {
                 direction: "to_node",
@@ -431,7 +449,7 @@ impl Server {
         Ok(out)
     }
 
-    fn refuse(&self, tcp: TcpStream, why: Refusal, msg: String) -> Refusal {
+    fn note_refusal(&self, why: Refusal, msg: &str) {
         self.0
             .stats
             .refused
@@ -440,6 +458,10 @@ impl Server {
             })
             .inc();
         tracing::warn!(reason = why.label(), "{msg}");
+    }
+
+    fn refuse(&self, tcp: TcpStream, why: Refusal, msg: String) -> Refusal {
+        self.note_refusal(why, &msg);
         refuse_tcp(tcp);
         why
     }

@@ -46,7 +46,11 @@ enum ClientCmd {
     /// Internal: sequential connect + 1-byte echo + close; prints latencies (ns).
     Latency { target: SocketAddr, count: usize },
     /// Internal: `streams` uploads of `bytes` each; prints seconds.
-    Upload { target: SocketAddr, bytes: u64, streams: usize },
+    Upload {
+        target: SocketAddr,
+        bytes: u64,
+        streams: usize,
+    },
     /// Internal: opens `count` connections, prints "ready", holds them until stdin closes.
     Idle { target: SocketAddr, count: usize },
     /// Internal: opens one connection and never reads from it; holds until stdin closes.
@@ -70,7 +74,11 @@ fn client(cmd: ClientCmd) -> Result<()> {
             }
             println!("{}", serde_json::to_string(&ns)?);
         }
-        ClientCmd::Upload { target, bytes, streams } => {
+        ClientCmd::Upload {
+            target,
+            bytes,
+            streams,
+        } => {
             let t = Instant::now();
             let hs: Vec<_> = (0..streams)
                 .map(|_| {
@@ -128,7 +136,12 @@ fn services(edge: &Netns) -> Services {
     let l = || redirector_tests::servers::listen("127.0.0.1:0".parse().unwrap());
     let (echo, discard, firehose, hold) = (l(), l(), l(), l());
     let port = |l: &TcpListener| l.local_addr().unwrap().port();
-    let s = Services { echo: port(&echo), discard: port(&discard), firehose: port(&firehose), hold: port(&hold) };
+    let s = Services {
+        echo: port(&echo),
+        discard: port(&discard),
+        firehose: port(&firehose),
+        hold: port(&hold),
+    };
     thread::spawn(move || {
         for c in echo.incoming().flatten() {
             let mut c = c;
@@ -172,12 +185,20 @@ fn services(edge: &Netns) -> Services {
     s
 }
 
-fn run_client(ns: &Netns, cg: Option<&redirector_tests::TestCgroup>, args: &[String]) -> Result<String> {
+fn run_client(
+    ns: &Netns,
+    cg: Option<&redirector_tests::TestCgroup>,
+    args: &[String],
+) -> Result<String> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(args);
     spawn::place(&mut cmd, cg, Some(ns));
     let out = cmd.output()?;
-    ensure!(out.status.success(), "client {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "client {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8(out.stdout)?)
 }
 
@@ -188,14 +209,23 @@ fn holder(ns: &Netns, cg: Option<&redirector_tests::TestCgroup>, args: &[String]
     spawn::place(&mut cmd, cg, Some(ns));
     let mut child = cmd.spawn()?;
     let mut line = [0u8; 6];
-    child.stdout.as_mut().unwrap().read_exact(&mut line).context("holder did not get ready")?;
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .context("holder did not get ready")?;
     Ok(child)
 }
 
 fn rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -218,12 +248,27 @@ struct Path<'a> {
 }
 
 fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json::Value> {
-    let mut lat: Vec<u64> = serde_json::from_str(&run_client(p.ns, p.cg, &["latency".into(), p.echo.to_string(), conns.to_string()])?)?;
+    let mut lat: Vec<u64> = serde_json::from_str(&run_client(
+        p.ns,
+        p.cg,
+        &["latency".into(), p.echo.to_string(), conns.to_string()],
+    )?)?;
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
     let bytes = (mib as u64) << 20;
     let up = |streams: usize| -> Result<f64> {
         let per = bytes / streams as u64;
-        let secs: f64 = run_client(p.ns, p.cg, &["upload".into(), p.discard.to_string(), per.to_string(), streams.to_string()])?.trim().parse()?;
+        let secs: f64 = run_client(
+            p.ns,
+            p.cg,
+            &[
+                "upload".into(),
+                p.discard.to_string(),
+                per.to_string(),
+                streams.to_string(),
+            ],
+        )?
+        .trim()
+        .parse()?;
         Ok((per * streams as u64) as f64 / secs / 1e6)
     };
     let single = up(1)?;
@@ -234,12 +279,20 @@ fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json
     drop(stall.stdin.take());
     let _ = stall.wait();
     let before: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
-    let mut idle_c = holder(p.ns, p.cg, &["idle".into(), p.hold.to_string(), idle.to_string()])?;
+    let mut idle_c = holder(
+        p.ns,
+        p.cg,
+        &["idle".into(), p.hold.to_string(), idle.to_string()],
+    )?;
     thread::sleep(Duration::from_millis(500));
     let after: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     drop(idle_c.stdin.take());
     let _ = idle_c.wait();
-    let per_stream: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / idle as f64).collect();
+    let per_stream: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / idle as f64)
+        .collect();
     Ok(json!({
         "path": p.name, "setup_p50_us": p50, "setup_p99_us": p99,
         "single_stream_MBps": single, "aggregate_64_MBps": agg, "single_with_stalled_neighbour_MBps": stalled,
@@ -259,30 +312,96 @@ fn main() -> Result<()> {
     let (srv_cert, srv_key) = pki.server("tunnel.test");
     let (ingress, agents_at, metrics_at, rh_ctl, rh_visit) = {
         let _m = w.master.enter();
-        (free_addr("127.0.0.1"), free_addr("198.51.100.1"), free_addr("127.0.0.1"), free_addr("198.51.100.1"), free_addr("127.0.0.1"))
+        (
+            free_addr("127.0.0.1"),
+            free_addr("198.51.100.1"),
+            free_addr("127.0.0.1"),
+            free_addr("198.51.100.1"),
+            free_addr("127.0.0.1"),
+        )
     };
     let ports = format!("{},{},{},{}", svc.echo, svc.discard, svc.firehose, svc.hold);
     let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &["--ports", &ports]);
     let s = |p: &std::path::Path| p.display().to_string();
-    let mut server = LoggedProc::spawn(&w, "tunnel-server", &w.master, "tunnel", &[
-        "server", "--ca", &s(&pki.ca_pem), "--cert", &s(&srv_cert), "--key", &s(&srv_key),
-        "--agent-listen", &agents_at.to_string(), "--host-ingress", &ingress.to_string(),
-        "--node-table", &s(&w.node_table), "--pin-dir", &s(&w.pin_dir), "--metrics-listen", &metrics_at.to_string(),
-    ]);
+    let mut server = LoggedProc::spawn(
+        &w,
+        "tunnel-server",
+        &w.master,
+        "tunnel",
+        &[
+            "server",
+            "--ca",
+            &s(&pki.ca_pem),
+            "--cert",
+            &s(&srv_cert),
+            "--key",
+            &s(&srv_key),
+            "--agent-listen",
+            &agents_at.to_string(),
+            "--host-ingress",
+            &ingress.to_string(),
+            "--node-table",
+            &s(&w.node_table),
+            "--pin-dir",
+            &s(&w.pin_dir),
+            "--metrics-listen",
+            &metrics_at.to_string(),
+        ],
+    );
     server.wait_log(&["tunnel server ready"]);
     let (ac, ak) = pki.agent("edge-a");
-    let agent = LoggedProc::spawn(&w, "agent", &w.edge, "tunnel", &[
-        "agent", "--node-id", "edge-a", "--servers", &agents_at.to_string(), "--server-name", "tunnel.test",
-        "--ca", &s(&pki.ca_pem), "--cert", &s(&ac), "--key", &s(&ak), "--ports", &ports, "--dial", "127.0.0.1",
-        "--metrics-listen", "127.0.0.1:0",
-    ]);
+    let agent = LoggedProc::spawn(
+        &w,
+        "agent",
+        &w.edge,
+        "tunnel",
+        &[
+            "agent",
+            "--node-id",
+            "edge-a",
+            "--servers",
+            &agents_at.to_string(),
+            "--server-name",
+            "tunnel.test",
+            "--ca",
+            &s(&pki.ca_pem),
+            "--cert",
+            &s(&ac),
+            "--key",
+            &s(&ak),
+            "--ports",
+            &ports,
+            "--dial",
+            "127.0.0.1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
     server.wait_log(&["agent session up", "node=edge-a"]);
 
     let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let node = |p: u16| SocketAddr::from(([198, 51, 100, 10], p));
     let mut paths = vec![
-        Path { name: "direct loopback", ns: &w.edge, cg: None, echo: local(svc.echo), discard: local(svc.discard), firehose: local(svc.firehose), hold: local(svc.hold), pids: vec![] },
-        Path { name: "edge-redirector (eBPF + h2/mTLS tunnel)", ns: &w.master, cg: Some(&w.cgroup), echo: node(svc.echo), discard: node(svc.discard), firehose: node(svc.firehose), hold: node(svc.hold), pids: vec![server.child.id(), agent.child.id()] },
+        Path {
+            name: "direct loopback",
+            ns: &w.edge,
+            cg: None,
+            echo: local(svc.echo),
+            discard: local(svc.discard),
+            firehose: local(svc.firehose),
+            hold: local(svc.hold),
+            pids: vec![],
+        },
+        Path {
+            name: "edge-redirector (eBPF + h2/mTLS tunnel)",
+            ns: &w.master,
+            cg: Some(&w.cgroup),
+            echo: node(svc.echo),
+            discard: node(svc.discard),
+            firehose: node(svc.firehose),
+            hold: node(svc.hold),
+            pids: vec![server.child.id(), agent.child.id()],
+        },
     ];
 
     // rathole: one service per edge port, each exposed on its own visitor port in master.
@@ -292,12 +411,24 @@ fn main() -> Result<()> {
             Ok((procs, visit)) => {
                 let pids = procs.iter().map(|p: &LoggedProc| p.child.id()).collect();
                 rathole_procs = procs;
-                paths.push(Path { name: "rathole 0.5 (TLS)", ns: &w.master, cg: None, echo: visit[0], discard: visit[1], firehose: visit[2], hold: visit[3], pids });
+                paths.push(Path {
+                    name: "rathole 0.5 (TLS)",
+                    ns: &w.master,
+                    cg: None,
+                    echo: visit[0],
+                    discard: visit[1],
+                    firehose: visit[2],
+                    hold: visit[3],
+                    pids,
+                });
             }
             Err(e) => eprintln!("bench: rathole skipped: {e:#}"),
         }
     } else {
-        eprintln!("bench: rathole not found at {} (cargo install rathole@0.5.0 --root /tmp/rathole-inst); skipped", cli.rathole.display());
+        eprintln!(
+            "bench: rathole not found at {} (cargo install rathole@0.5.0 --root /tmp/rathole-inst); skipped",
+            cli.rathole.display()
+        );
     }
 
     let mut results = Vec::new();
@@ -316,7 +447,14 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn start_rathole(w: &World, bin: &std::path::Path, pki: &TestPki, ctl: SocketAddr, visit0: SocketAddr, svc: &Services) -> Result<(Vec<LoggedProc>, Vec<SocketAddr>)> {
+fn start_rathole(
+    w: &World,
+    bin: &std::path::Path,
+    pki: &TestPki,
+    ctl: SocketAddr,
+    visit0: SocketAddr,
+    svc: &Services,
+) -> Result<(Vec<LoggedProc>, Vec<SocketAddr>)> {
     let _ = pki;
     // rathole's TLS is native-tls: the server needs a PKCS#12 identity.
     let dir = &w.dir;
@@ -330,29 +468,84 @@ fn start_rathole(w: &World, bin: &std::path::Path, pki: &TestPki, ctl: SocketAdd
         }
         Ok(())
     };
-    ok(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=rathole.test", "-addext", "subjectAltName=DNS:rathole.test"]).arg("-keyout").arg(&key).arg("-out").arg(&crt))?;
-    ok(Command::new("openssl").args(["pkcs12", "-export", "-passout", "pass:bench"]).arg("-inkey").arg(&key).arg("-in").arg(&crt).arg("-out").arg(&pfx))?;
+    ok(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rathole.test",
+            "-addext",
+            "subjectAltName=DNS:rathole.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt))?;
+    ok(Command::new("openssl")
+        .args(["pkcs12", "-export", "-passout", "pass:bench"])
+        .arg("-inkey")
+        .arg(&key)
+        .arg("-in")
+        .arg(&crt)
+        .arg("-out")
+        .arg(&pfx))?;
     let visit: Vec<SocketAddr> = {
         let _m = w.master.enter();
-        (0..4).map(|i| if i == 0 { visit0 } else { free_addr("127.0.0.1") }).collect()
+        (0..4)
+            .map(|i| {
+                if i == 0 {
+                    visit0
+                } else {
+                    free_addr("127.0.0.1")
+                }
+            })
+            .collect()
     };
     let names = ["echo", "discard", "firehose", "hold"];
     let ports = [svc.echo, svc.discard, svc.firehose, svc.hold];
-    let mut server_toml = format!("[server]\nbind_addr = \"{ctl}\"\n[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n", pfx.display());
-    let mut client_toml = format!("[client]\nremote_addr = \"{ctl}\"\n[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"rathole.test\"\n", crt.display());
+    let mut server_toml = format!(
+        "[server]\nbind_addr = \"{ctl}\"\n[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
+        pfx.display()
+    );
+    let mut client_toml = format!(
+        "[client]\nremote_addr = \"{ctl}\"\n[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"rathole.test\"\n",
+        crt.display()
+    );
     for (i, n) in names.iter().enumerate() {
-        server_toml.push_str(&format!("[server.services.{n}]\ntoken = \"bench-token\"\nbind_addr = \"{}\"\n", visit[i]));
-        client_toml.push_str(&format!("[client.services.{n}]\ntoken = \"bench-token\"\nlocal_addr = \"127.0.0.1:{}\"\n", ports[i]));
+        server_toml.push_str(&format!(
+            "[server.services.{n}]\ntoken = \"bench-token\"\nbind_addr = \"{}\"\n",
+            visit[i]
+        ));
+        client_toml.push_str(&format!(
+            "[client.services.{n}]\ntoken = \"bench-token\"\nlocal_addr = \"127.0.0.1:{}\"\n",
+            ports[i]
+        ));
     }
-    let (st, ct) = (dir.join("rathole-server.toml"), dir.join("rathole-client.toml"));
+    let (st, ct) = (
+        dir.join("rathole-server.toml"),
+        dir.join("rathole-client.toml"),
+    );
     fs::write(&st, server_toml)?;
     fs::write(&ct, client_toml)?;
     let spawn_rh = |name: &str, ns: &Netns, cfg: &std::path::Path| -> LoggedProc {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(bin);
-        cmd.arg(cfg).stdout(Stdio::null()).stderr(fs::File::create(&log).unwrap()).env("RUST_LOG", "info");
+        cmd.arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .env("RUST_LOG", "info");
         spawn::place(&mut cmd, None, Some(ns));
-        LoggedProc { child: cmd.spawn().expect("rathole"), log_file: log }
+        LoggedProc {
+            child: cmd.spawn().expect("rathole"),
+            log_file: log,
+        }
     };
     let server = spawn_rh("rathole-server", &w.master, &st);
     let client = spawn_rh("rathole-client", &w.edge, &ct);
@@ -372,7 +565,11 @@ fn start_rathole(w: &World, bin: &std::path::Path, pki: &TestPki, ctl: SocketAdd
             break;
         }
         if Instant::now() > deadline {
-            bail!("rathole not ready in 20 s:\n{}\n{}", server.log(), client.log());
+            bail!(
+                "rathole not ready in 20 s:\n{}\n{}",
+                server.log(),
+                client.log()
+            );
         }
         thread::sleep(Duration::from_millis(200));
     }
@@ -382,17 +579,43 @@ fn start_rathole(w: &World, bin: &std::path::Path, pki: &TestPki, ctl: SocketAdd
 fn print_table(results: &[serde_json::Value]) {
     let direct = &results[0];
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}", "path", "setup p50", "setup p99", "1 stream", "64 streams", "1 + stalled", "RSS/idle stream");
-    println!("{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}", "", "us", "us", "MB/s", "MB/s", "MB/s", "bytes (each side)");
+    println!(
+        "\n{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
+        "path",
+        "setup p50",
+        "setup p99",
+        "1 stream",
+        "64 streams",
+        "1 + stalled",
+        "RSS/idle stream"
+    );
+    println!(
+        "{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
+        "", "us", "us", "MB/s", "MB/s", "MB/s", "bytes (each side)"
+    );
     for r in results {
-        let rss: Vec<String> = r["rss_bytes_per_idle_stream"].as_array().map(|a| a.iter().map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0))).collect()).unwrap_or_default();
+        let rss: Vec<String> = r["rss_bytes_per_idle_stream"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
         println!(
             "{:<42} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>14.0} {:>18}",
-            r["path"].as_str().unwrap_or("?"), f(r, "setup_p50_us"), f(r, "setup_p99_us"), f(r, "single_stream_MBps"),
-            f(r, "aggregate_64_MBps"), f(r, "single_with_stalled_neighbour_MBps"), rss.join(" / ")
+            r["path"].as_str().unwrap_or("?"),
+            f(r, "setup_p50_us"),
+            f(r, "setup_p99_us"),
+            f(r, "single_stream_MBps"),
+            f(r, "aggregate_64_MBps"),
+            f(r, "single_with_stalled_neighbour_MBps"),
+            rss.join(" / ")
         );
     }
-    println!("\nratios to direct loopback (setup p50: lower is better; throughput: higher is better)");
+    println!(
+        "\nratios to direct loopback (setup p50: lower is better; throughput: higher is better)"
+    );
     for r in &results[1..] {
         println!(
             "  {:<40} setup {:.1}x | 1 stream {:.2}x | 64 streams {:.2}x | stalled neighbour costs {:.0}%",
