@@ -26,6 +26,8 @@ use tokio::{
 /// Largest read from TCP per DATA chunk. Big reads halve the per-byte CPU (measured in the
 /// h2 prototype).
 const CHUNK: usize = 256 * 1024;
+/// How long the surviving direction of an aborted relay may take to notice.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// First read size; doubles while reads fill the buffer.
 const FIRST_READ: usize = 8 * 1024;
 
@@ -178,7 +180,7 @@ pub async fn relay_before_answer(
         };
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
-        loop {
+        let end = loop {
             let e = tokio::select! {
                 e = &mut up, if !up_done => { up_done = true; e }
                 e = &mut down, if !down_done => { down_done = true; e }
@@ -191,7 +193,18 @@ pub async fn relay_before_answer(
             if up_done && down_done {
                 break End::Closed;
             }
+        };
+        if end == End::Reset {
+            // The other direction sees the abort too and ends promptly; let it, so its byte
+            // count is final and a pending answer (the reason for a refusal) is read.
+            if !up_done {
+                let _ = tokio::time::timeout(ABORT_GRACE, &mut up).await;
+            }
+            if !down_done {
+                let _ = tokio::time::timeout(ABORT_GRACE, &mut down).await;
+            }
         }
+        end
     };
     Outcome {
         tcp_to_stream: up_bytes,

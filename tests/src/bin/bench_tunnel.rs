@@ -31,6 +31,8 @@ struct Cli {
     rathole: PathBuf,
     #[arg(long, default_value_t = 1000)]
     conns: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// MiB uploaded per throughput measurement.
     #[arg(long, default_value_t = 512)]
     mib: usize,
@@ -177,9 +179,24 @@ fn services(edge: &Netns) -> Services {
         }
     });
     thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in hold.incoming().flatten() {
-            held.push(c);
+        // Holds connections without a thread each, and lets go of those the client closed
+        // (one run opens tens of thousands over its paths).
+        hold.set_nonblocking(true).expect("nonblocking");
+        let mut held: Vec<TcpStream> = Vec::new();
+        loop {
+            match hold.accept() {
+                Ok((c, _)) => {
+                    held.push(c);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+            held.retain(|c| {
+                let _ = c.set_nonblocking(true);
+                matches!(c.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            thread::sleep(Duration::from_millis(50));
         }
     });
     s
@@ -247,7 +264,9 @@ struct Path<'a> {
     pids: Vec<u32>,
 }
 
-fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json::Value> {
+/// One round's figures for one path: setup p50/p99 (us), 1-stream, 64-stream and
+/// 1-stream-beside-a-stalled-one throughput (MB/s).
+fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 5]> {
     let mut lat: Vec<u64> = serde_json::from_str(&run_client(
         p.ns,
         p.cg,
@@ -257,27 +276,27 @@ fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json
     let bytes = (mib as u64) << 20;
     let up = |streams: usize| -> Result<f64> {
         let per = bytes / streams as u64;
-        let secs: f64 = run_client(
-            p.ns,
-            p.cg,
-            &[
-                "upload".into(),
-                p.discard.to_string(),
-                per.to_string(),
-                streams.to_string(),
-            ],
-        )?
-        .trim()
-        .parse()?;
+        let args = [
+            "upload".into(),
+            p.discard.to_string(),
+            per.to_string(),
+            streams.to_string(),
+        ];
+        let secs: f64 = run_client(p.ns, p.cg, &args)?.trim().parse()?;
         Ok((per * streams as u64) as f64 / secs / 1e6)
     };
     let single = up(1)?;
     let agg = up(64)?;
     let mut stall = holder(p.ns, p.cg, &["stall".into(), p.firehose.to_string()])?;
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_millis(300)); // let the stalled stream's window fill
     let stalled = up(1)?;
     drop(stall.stdin.take());
     let _ = stall.wait();
+    Ok([p50, p99, single, agg, stalled])
+}
+
+/// RSS growth per idle stream of each of the path's processes, in bytes.
+fn measure_rss(p: &Path, idle: usize) -> Result<Vec<f64>> {
     let before: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     let mut idle_c = holder(
         p.ns,
@@ -288,16 +307,16 @@ fn measure(p: &Path, conns: usize, mib: usize, idle: usize) -> Result<serde_json
     let after: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     drop(idle_c.stdin.take());
     let _ = idle_c.wait();
-    let per_stream: Vec<f64> = before
+    Ok(before
         .iter()
         .zip(&after)
         .map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / idle as f64)
-        .collect();
-    Ok(json!({
-        "path": p.name, "setup_p50_us": p50, "setup_p99_us": p99,
-        "single_stream_MBps": single, "aggregate_64_MBps": agg, "single_with_stalled_neighbour_MBps": stalled,
-        "rss_bytes_per_idle_stream": per_stream,
-    }))
+        .collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {
@@ -431,14 +450,28 @@ fn main() -> Result<()> {
         );
     }
 
+    // Paths interleaved within each round; medians over rounds (this machine drifts).
+    let mut rounds: Vec<Vec<[f64; 5]>> = vec![Vec::new(); paths.len()];
+    for r in 0..cli.rounds {
+        for (i, p) in paths.iter().enumerate() {
+            eprintln!("bench: round {} of {}: {}", r + 1, cli.rounds, p.name);
+            rounds[i].push(measure_round(p, cli.conns, cli.mib)?);
+        }
+    }
     let mut results = Vec::new();
-    for p in &paths {
-        eprintln!("bench: measuring {}", p.name);
-        results.push(measure(p, cli.conns, cli.mib, cli.idle)?);
+    for (i, p) in paths.iter().enumerate() {
+        let col = |k: usize| median(rounds[i].iter().map(|r| r[k]).collect());
+        let stall_cost = median(rounds[i].iter().map(|r| 1.0 - r[4] / r[2]).collect());
+        results.push(json!({
+            "path": p.name, "setup_p50_us": col(0), "setup_p99_us": col(1),
+            "single_stream_MBps": col(2), "aggregate_64_MBps": col(3), "single_with_stalled_neighbour_MBps": col(4),
+            "stalled_neighbour_cost": stall_cost,
+            "rss_bytes_per_idle_stream": measure_rss(p, cli.idle)?,
+        }));
     }
     drop(rathole_procs);
     print_table(&results);
-    let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "idle_streams": cli.idle, "results": results});
+    let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "rounds": cli.rounds, "idle_streams": cli.idle, "results": results});
     if let Some(d) = cli.out.parent() {
         fs::create_dir_all(d)?;
     }
@@ -623,7 +656,7 @@ fn print_table(results: &[serde_json::Value]) {
             f(r, "setup_p50_us") / f(direct, "setup_p50_us"),
             f(r, "single_stream_MBps") / f(direct, "single_stream_MBps"),
             f(r, "aggregate_64_MBps") / f(direct, "aggregate_64_MBps"),
-            (1.0 - f(r, "single_with_stalled_neighbour_MBps") / f(r, "single_stream_MBps")) * 100.0,
+            f(r, "stalled_neighbour_cost") * 100.0,
         );
     }
 }
