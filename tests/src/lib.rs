@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pki;
 pub mod servers;
 pub mod spawn;
+pub mod tunnel_procs;
 
 use std::{
     fs,

@@ -2,85 +2,41 @@
 //! redirector sends it to the tunnel server's ingress, the server maps the original destination
 //! to the node ID and opens a stream on that node's agent session (mutual TLS), and the agent
 //! dials its own node. Root only.
-use redirector_tests::{LoggedProc, RedirectorProc, World, free_addr, pki::TestPki, replies};
+use redirector_tests::{RedirectorProc, World, free_addr, pki::TestPki, replies, tunnel_procs};
 
 #[test]
 fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let (srv_cert, srv_key) = pki.server("tunnel.test");
-    let (ingress, agents_at) = {
+    let (ingress, agents_at, metrics_at) = {
         let _m = w.master.enter();
-        (free_addr("127.0.0.1"), free_addr("198.51.100.1"))
-    };
-    let metrics_at = {
-        let _m = w.master.enter();
-        free_addr("127.0.0.1")
+        (
+            free_addr("127.0.0.1"),
+            free_addr("198.51.100.1"),
+            free_addr("127.0.0.1"),
+        )
     };
     let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
-    let s = |p: &std::path::Path| p.display().to_string();
-    let (ca, pins, table) = (s(&pki.ca_pem), s(&w.pin_dir), s(&w.node_table));
-    let mut server = LoggedProc::spawn(
-        &w,
-        "tunnel-server",
-        &w.master,
-        "tunnel",
-        &[
-            "server",
-            "--ca",
-            &ca,
-            "--cert",
-            &s(&srv_cert),
-            "--key",
-            &s(&srv_key),
-            "--agent-listen",
-            &agents_at.to_string(),
-            "--host-ingress",
-            &ingress.to_string(),
-            "--node-table",
-            &table,
-            "--pin-dir",
-            &pins,
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
-    );
-    server.wait_log(&["tunnel server ready"]);
-
+    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
     // edge-a's agent reaches its services on localhost, edge-b's on its node address.
-    let mut agents = Vec::new();
-    for (node, dial) in [("edge-a", "127.0.0.1"), ("edge-b", "198.51.100.11")] {
-        let (c, k) = pki.agent(node);
-        agents.push(LoggedProc::spawn(
-            &w,
-            node,
-            &w.edge,
-            "tunnel",
-            &[
-                "agent",
-                "--node-id",
-                node,
-                "--servers",
-                &agents_at.to_string(),
-                "--server-name",
-                "tunnel.test",
-                "--ca",
-                &ca,
-                "--cert",
-                &s(&c),
-                "--key",
-                &s(&k),
-                "--ports",
-                "10250,10255",
-                "--dial",
-                dial,
-                // Two agents share this namespace: no fixed metrics port.
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ],
-        ));
-        server.wait_log(&["agent session up", &format!("node={node}")]);
-    }
+    let _a = tunnel_procs::agent(
+        &w,
+        &pki,
+        &mut server,
+        "edge-a",
+        agents_at,
+        "10250,10255",
+        "127.0.0.1",
+    );
+    let _b = tunnel_procs::agent(
+        &w,
+        &pki,
+        &mut server,
+        "edge-b",
+        agents_at,
+        "10250,10255",
+        "198.51.100.11",
+    );
 
     let v = w.probe(
         true,

@@ -197,15 +197,7 @@ async fn half_close_is_carried_both_ways() {
     let ca = Ca::new("cluster CA");
     let srv = start_server(&ca, routes(TABLE)).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
-    let _a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
 
     // Client -> service: after the client's shutdown(Write) the service sees EOF and still
     // sends its whole answer ("bye <n>" is written only after EOF).
@@ -259,15 +251,7 @@ async fn an_abort_at_either_end_arrives_as_a_reset_not_an_eof() {
     let srv = start_server(&ca, routes(TABLE)).await;
     let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    let _a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
 
     // Client aborts: the service must read an error, not a clean EOF.
     let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
@@ -311,15 +295,7 @@ async fn a_port_that_is_not_allow_listed_is_refused_and_the_session_serves_the_r
     let srv = start_server(&ca, routes(TABLE)).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
     let other = greeting_service("127.0.0.2".parse().unwrap(), 0, "secret").await;
-    let a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+    let a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
 
     let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{other}"))).await;
     assert_eq!(task.await.unwrap(), Err(Refusal::AgentRefused));
@@ -353,15 +329,7 @@ async fn a_thousand_concurrent_streams_on_one_session_every_byte_checked() {
     let ca = Ca::new("cluster CA");
     let srv = start_server(&ca, routes(TABLE)).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
-    let _a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
 
     let mut tasks = Vec::new();
     for i in 0..1000u32 {
@@ -428,15 +396,7 @@ async fn a_stalled_stream_does_not_freeze_its_neighbours_on_the_same_session() {
     let srv = start_server(&ca, routes(TABLE)).await;
     let hose = firehose("127.0.0.2", 100 << 20).await;
     let echo = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
-    let _a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[hose, echo],
-    ));
-    wait_for(|| srv.server.connected_nodes() == ["edge-a"], "session").await;
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[hose, echo]).await;
 
     // Four streams whose readers never read, each with 100 MiB pending behind them.
     let mut stalled = Vec::new();

@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
-use redirector_tests::{LoggedProc, Netns, RedirectorProc, World, free_addr, pki::TestPki, spawn};
+use redirector_tests::{
+    LoggedProc, Netns, RedirectorProc, World, free_addr, pki::TestPki, spawn, tunnel_procs,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -328,7 +330,6 @@ fn main() -> Result<()> {
     let w = World::new();
     let svc = services(&w.edge);
     let pki = TestPki::new(&w.dir);
-    let (srv_cert, srv_key) = pki.server("tunnel.test");
     let (ingress, agents_at, metrics_at, rh_ctl, rh_visit) = {
         let _m = w.master.enter();
         (
@@ -341,62 +342,16 @@ fn main() -> Result<()> {
     };
     let ports = format!("{},{},{},{}", svc.echo, svc.discard, svc.firehose, svc.hold);
     let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &["--ports", &ports]);
-    let s = |p: &std::path::Path| p.display().to_string();
-    let mut server = LoggedProc::spawn(
+    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
+    let agent = tunnel_procs::agent(
         &w,
-        "tunnel-server",
-        &w.master,
-        "tunnel",
-        &[
-            "server",
-            "--ca",
-            &s(&pki.ca_pem),
-            "--cert",
-            &s(&srv_cert),
-            "--key",
-            &s(&srv_key),
-            "--agent-listen",
-            &agents_at.to_string(),
-            "--host-ingress",
-            &ingress.to_string(),
-            "--node-table",
-            &s(&w.node_table),
-            "--pin-dir",
-            &s(&w.pin_dir),
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
+        &pki,
+        &mut server,
+        "edge-a",
+        agents_at,
+        &ports,
+        "127.0.0.1",
     );
-    server.wait_log(&["tunnel server ready"]);
-    let (ac, ak) = pki.agent("edge-a");
-    let agent = LoggedProc::spawn(
-        &w,
-        "agent",
-        &w.edge,
-        "tunnel",
-        &[
-            "agent",
-            "--node-id",
-            "edge-a",
-            "--servers",
-            &agents_at.to_string(),
-            "--server-name",
-            "tunnel.test",
-            "--ca",
-            &s(&pki.ca_pem),
-            "--cert",
-            &s(&ac),
-            "--key",
-            &s(&ak),
-            "--ports",
-            &ports,
-            "--dial",
-            "127.0.0.1",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
-    server.wait_log(&["agent session up", "node=edge-a"]);
 
     let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let node = |p: u16| SocketAddr::from(([198, 51, 100, 10], p));

@@ -188,6 +188,30 @@ pub fn start_agent(cfg: AgentConfig) -> RunningAgent {
     RunningAgent { stats, stop, task }
 }
 
+/// Starts `node`'s agent towards `srv`, dialling `dial` for `ports`, and waits for its session.
+pub async fn node_agent(
+    ca: &Ca,
+    srv: &RunningServer,
+    node: &str,
+    dial: &str,
+    ports: &[u16],
+) -> RunningAgent {
+    let a = start_agent(agent_config(
+        ca,
+        ca.agent(node),
+        node,
+        &[srv.agent_addr],
+        dial.parse().unwrap(),
+        ports,
+    ));
+    wait_for(
+        || srv.server.connected_nodes().iter().any(|n| n == node),
+        "the agent's session",
+    )
+    .await;
+    a
+}
+
 pub async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond() {

@@ -1,0 +1,94 @@
+//! Starting the real `tunnel` binaries inside a [`World`], for end-to-end tests and benchmarks.
+use std::net::SocketAddr;
+
+use crate::{LoggedProc, World, pki::TestPki};
+
+/// The name agents verify in the server certificate.
+pub const SERVER_NAME: &str = "tunnel.test";
+
+fn s(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+/// `tunnel server` in the master namespace, reading original destinations from the world's
+/// redirector pins; returns once it logged that it is ready.
+pub fn server(
+    w: &World,
+    pki: &TestPki,
+    ingress: SocketAddr,
+    agents_at: SocketAddr,
+    metrics_at: SocketAddr,
+) -> LoggedProc {
+    let (cert, key) = pki.server(SERVER_NAME);
+    let mut p = LoggedProc::spawn(
+        w,
+        "tunnel-server",
+        &w.master,
+        "tunnel",
+        &[
+            "server",
+            "--ca",
+            &s(&pki.ca_pem),
+            "--cert",
+            &s(&cert),
+            "--key",
+            &s(&key),
+            "--agent-listen",
+            &agents_at.to_string(),
+            "--host-ingress",
+            &ingress.to_string(),
+            "--node-table",
+            &s(&w.node_table),
+            "--pin-dir",
+            &s(&w.pin_dir),
+            "--metrics-listen",
+            &metrics_at.to_string(),
+        ],
+    );
+    p.wait_log(&["tunnel server ready"]);
+    p
+}
+
+/// `tunnel agent` for `node` in the edge namespace, dialling `dial` on `ports` (comma list);
+/// returns once `server` logged the node's session.
+pub fn agent(
+    w: &World,
+    pki: &TestPki,
+    server: &mut LoggedProc,
+    node: &str,
+    agents_at: SocketAddr,
+    ports: &str,
+    dial: &str,
+) -> LoggedProc {
+    let (cert, key) = pki.agent(node);
+    let p = LoggedProc::spawn(
+        w,
+        node,
+        &w.edge,
+        "tunnel",
+        &[
+            "agent",
+            "--node-id",
+            node,
+            "--servers",
+            &agents_at.to_string(),
+            "--server-name",
+            SERVER_NAME,
+            "--ca",
+            &s(&pki.ca_pem),
+            "--cert",
+            &s(&cert),
+            "--key",
+            &s(&key),
+            "--ports",
+            ports,
+            "--dial",
+            dial,
+            // Several agents may share the edge namespace: no fixed metrics port.
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    server.wait_log(&["agent session up", &format!("node={node}")]);
+    p
+}
