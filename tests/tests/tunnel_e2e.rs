@@ -115,3 +115,70 @@ fn http_get(at: std::net::SocketAddr, path: &str) -> String {
     );
     out
 }
+
+#[test]
+fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
+    use std::io::{BufRead, BufReader, Write};
+    let w = World::new();
+    let pki = TestPki::new(&w.dir);
+    let (ingress, agents_at, metrics_at) = {
+        let _m = w.master.enter();
+        (
+            free_addr("127.0.0.1"),
+            free_addr("198.51.100.1"),
+            free_addr("127.0.0.1"),
+        )
+    };
+    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
+    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
+    let _a = tunnel_procs::agent(
+        &w,
+        &pki,
+        &mut server,
+        "edge-a",
+        agents_at,
+        "10250",
+        "127.0.0.1",
+    );
+
+    // An open stream (think `kubectl exec`), idle across the stop signal.
+    let mut cmd = std::process::Command::new(redirector_tests::env_bin("probe"));
+    cmd.args(["hold", "198.51.100.10:10250"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
+    let mut held = cmd.spawn().unwrap();
+    let mut out = BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    server.wait_log(&["draining open streams", "streams=1"]);
+    let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
+    assert_eq!(
+        v[0]["ok"], false,
+        "a new connection must be refused while draining: {v}"
+    );
+
+    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let r: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(
+        r["reply"], "edge 127.0.0.1:10250",
+        "the open stream finished its exchange: {r}"
+    );
+    held.wait().unwrap();
+    // With nothing left open the server exits well before the drain deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not exit after draining:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

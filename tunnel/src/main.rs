@@ -239,7 +239,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             tokio::spawn(follow_node_table(server.clone(), node_table, stop.clone()));
             tracing::info!(%agent_listen, %host_ingress, ?pod_ingress, metrics = %metrics_at, "tunnel server ready");
-            server.serve_agents(agents, stop).await;
+            // Sessions outlive the stop signal until in-flight streams drain (bounded): a
+            // rolling restart of the masters does not cut a running `kubectl exec`.
+            let sessions = CancellationToken::new();
+            let agents_task = {
+                let (s, t) = (server.clone(), sessions.clone());
+                tokio::spawn(async move { s.serve_agents(agents, t).await })
+            };
+            stop.cancelled().await;
+            drain(&server, DRAIN_DEADLINE).await;
+            sessions.cancel();
+            let _ = agents_task.await;
             Ok(())
         }
         Cmd::Agent {
@@ -286,6 +296,28 @@ async fn run(cli: Cli) -> Result<(), String> {
             tunnel::agent::run(cfg, metrics, stop).await;
             Ok(())
         }
+    }
+}
+
+/// How long a stopping server waits for in-flight streams.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits until no stream is open, or `deadline`; new connections are already refused.
+async fn drain(server: &Server, deadline: Duration) {
+    let open = || server.stats().streams_open.get();
+    tracing::info!(
+        streams = open(),
+        "stopping: no new connections; draining open streams"
+    );
+    let until = tokio::time::Instant::now() + deadline;
+    while open() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if open() > 0 {
+        tracing::warn!(
+            streams = open(),
+            "drain deadline passed; closing the remaining streams"
+        );
     }
 }
 

@@ -29,6 +29,11 @@ enum Cmd {
     Connect {
         targets: Vec<SocketAddr>,
     },
+    /// Connects, prints `connected`, waits for a line on stdin, then exchanges its token and
+    /// prints the reply (an in-flight connection across some event).
+    Hold {
+        target: SocketAddr,
+    },
     Loop {
         target: SocketAddr,
         #[arg(long, default_value_t = 3000)]
@@ -116,6 +121,20 @@ fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Val
     json!({"ok": ok, "failed": failed, "labels": labels, "errors": errors, "elapsed_ms": start.elapsed().as_millis() as u64})
 }
 
+fn hold(target: SocketAddr) -> serde_json::Value {
+    let r = open(target).and_then(|(s, _, _)| {
+        println!("connected");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        exchange(&s, "held")
+    });
+    match r {
+        Ok(reply) => json!({"ok": true, "reply": reply}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
 fn main() {
     let out = match Cli::parse().cmd {
         Cmd::Connect { targets } => connect_all(targets),
@@ -124,6 +143,7 @@ fn main() {
             duration_ms,
             max,
         } => run_loop(target, Duration::from_millis(duration_ms), max),
+        Cmd::Hold { target } => hold(target),
     };
     println!("{out}");
 }
