@@ -92,3 +92,45 @@ pub fn agent(
     server.wait_log(&["agent session up", &format!("node={node}")]);
     p
 }
+
+/// The master side of the whole path: redirector (sending host clients to the tunnel's
+/// ingress) and tunnel server, on addresses picked free in the master namespace.
+pub struct Stack {
+    pub ingress: SocketAddr,
+    pub agents_at: SocketAddr,
+    pub metrics_at: SocketAddr,
+    pub server: LoggedProc,
+    /// Declared last: dropped after the server, so the ingress never outlives its redirector.
+    pub redirector: crate::RedirectorProc,
+}
+
+pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
+    let (ingress, agents_at, metrics_at) = {
+        let _m = w.master.enter();
+        (
+            crate::free_addr("127.0.0.1"),
+            crate::free_addr("198.51.100.1"),
+            crate::free_addr("127.0.0.1"),
+        )
+    };
+    let redirector = crate::RedirectorProc::start_with_ingress(w, ingress, redirector_args);
+    let server = server(w, pki, ingress, agents_at, metrics_at);
+    Stack {
+        ingress,
+        agents_at,
+        metrics_at,
+        server,
+        redirector,
+    }
+}
+
+/// A plain HTTP/1.0 GET from the master namespace (no client dependency for one request).
+pub fn http_get(w: &World, at: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let _m = w.master.enter();
+    let mut s = std::net::TcpStream::connect(at).expect("HTTP endpoint");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}

@@ -2,38 +2,30 @@
 //! redirector sends it to the tunnel server's ingress, the server maps the original destination
 //! to the node ID and opens a stream on that node's agent session (mutual TLS), and the agent
 //! dials its own node. Root only.
-use redirector_tests::{RedirectorProc, World, free_addr, pki::TestPki, replies, tunnel_procs};
+use redirector_tests::{World, pki::TestPki, replies, tunnel_procs};
 
 #[test]
 fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let (ingress, agents_at, metrics_at) = {
-        let _m = w.master.enter();
-        (
-            free_addr("127.0.0.1"),
-            free_addr("198.51.100.1"),
-            free_addr("127.0.0.1"),
-        )
-    };
-    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
-    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
+    // Keeps the redirector and the tunnel server alive for the whole test.
+    let mut st = tunnel_procs::stack(&w, &pki, &[]);
     // edge-a's agent reaches its services on localhost, edge-b's on its node address.
     let _a = tunnel_procs::agent(
         &w,
         &pki,
-        &mut server,
+        &mut st.server,
         "edge-a",
-        agents_at,
+        st.agents_at,
         "10250,10255",
         "127.0.0.1",
     );
     let _b = tunnel_procs::agent(
         &w,
         &pki,
-        &mut server,
+        &mut st.server,
         "edge-b",
-        agents_at,
+        st.agents_at,
         "10250,10255",
         "198.51.100.11",
     );
@@ -79,17 +71,14 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
         );
     }
     assert!(
-        server
+        st.server
             .log()
             .contains("node edge-c has no agent session; refused"),
         "{}",
-        server.log()
+        st.server.log()
     );
 
-    let metrics = {
-        let _m = w.master.enter();
-        http_get(metrics_at, "/metrics")
-    };
+    let metrics = tunnel_procs::http_get(&w, st.metrics_at, "/metrics");
     for line in [
         "tunnel_server_sessions 2",
         "tunnel_server_streams_total 2",
@@ -102,41 +91,19 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
     }
 }
 
-/// A plain HTTP/1.0 GET (no client dependency needed for one request).
-fn http_get(at: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(at).expect("metrics endpoint");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
-        "{out}"
-    );
-    out
-}
-
 #[test]
 fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     use std::io::{BufRead, BufReader, Write};
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let (ingress, agents_at, metrics_at) = {
-        let _m = w.master.enter();
-        (
-            free_addr("127.0.0.1"),
-            free_addr("198.51.100.1"),
-            free_addr("127.0.0.1"),
-        )
-    };
-    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
-    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
+    // Keeps the redirector and the tunnel server alive for the whole test.
+    let mut st = tunnel_procs::stack(&w, &pki, &[]);
     let _a = tunnel_procs::agent(
         &w,
         &pki,
-        &mut server,
+        &mut st.server,
         "edge-a",
-        agents_at,
+        st.agents_at,
         "10250",
         "127.0.0.1",
     );
@@ -154,8 +121,8 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     assert_eq!(line.trim(), "connected");
 
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
-    server.wait_log(&["draining open streams", "streams=1"]);
+    unsafe { libc::kill(st.server.child.id() as i32, libc::SIGTERM) };
+    st.server.wait_log(&["draining open streams", "streams=1"]);
     let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
     assert_eq!(
         v[0]["ok"], false,
@@ -173,11 +140,11 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     held.wait().unwrap();
     // With nothing left open the server exits well before the drain deadline.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while server.child.try_wait().unwrap().is_none() {
+    while st.server.child.try_wait().unwrap().is_none() {
         assert!(
             std::time::Instant::now() < deadline,
             "server did not exit after draining:\n{}",
-            server.log()
+            st.server.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

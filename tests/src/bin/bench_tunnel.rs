@@ -19,9 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
-use redirector_tests::{
-    LoggedProc, Netns, RedirectorProc, World, free_addr, pki::TestPki, spawn, tunnel_procs,
-};
+use redirector_tests::{LoggedProc, Netns, World, free_addr, pki::TestPki, spawn, tunnel_procs};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -330,25 +328,19 @@ fn main() -> Result<()> {
     let w = World::new();
     let svc = services(&w.edge);
     let pki = TestPki::new(&w.dir);
-    let (ingress, agents_at, metrics_at, rh_ctl, rh_visit) = {
+    let (rh_ctl, rh_visit) = {
         let _m = w.master.enter();
-        (
-            free_addr("127.0.0.1"),
-            free_addr("198.51.100.1"),
-            free_addr("127.0.0.1"),
-            free_addr("198.51.100.1"),
-            free_addr("127.0.0.1"),
-        )
+        (free_addr("198.51.100.1"), free_addr("127.0.0.1"))
     };
     let ports = format!("{},{},{},{}", svc.echo, svc.discard, svc.firehose, svc.hold);
-    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &["--ports", &ports]);
-    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
+    // Keeps the redirector and the tunnel server alive for the whole test.
+    let mut st = tunnel_procs::stack(&w, &pki, &["--ports", &ports]);
     let agent = tunnel_procs::agent(
         &w,
         &pki,
-        &mut server,
+        &mut st.server,
         "edge-a",
-        agents_at,
+        st.agents_at,
         &ports,
         "127.0.0.1",
     );
@@ -374,7 +366,7 @@ fn main() -> Result<()> {
             discard: node(svc.discard),
             firehose: node(svc.firehose),
             hold: node(svc.hold),
-            pids: vec![server.child.id(), agent.child.id()],
+            pids: vec![st.server.child.id(), agent.child.id()],
         },
     ];
 

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use redirector_tests::{RedirectorProc, World, free_addr, pki::TestPki, replies, tunnel_procs};
+use redirector_tests::{World, pki::TestPki, replies, tunnel_procs};
 
 /// Four nodes; edge-c and edge-d share an InternalIP, as many edge nodes do in public clouds.
 const DEMO_NODES: &str = "\
@@ -109,17 +109,14 @@ fn main() {
     ));
 
     let pki = TestPki::new(&w.dir);
-    let (ingress, agents_at, metrics_at) = {
-        let _m = w.master.enter();
-        (
-            free_addr("127.0.0.1"),
-            free_addr("198.51.100.1"),
-            free_addr("127.0.0.1"),
-        )
-    };
-    let _redirector = RedirectorProc::start_with_ingress(&w, ingress, &[]);
+    let tunnel_procs::Stack {
+        ingress,
+        agents_at,
+        metrics_at,
+        mut server,
+        redirector,
+    } = tunnel_procs::stack(&w, &pki, &[]);
     say(&format!("   redirector attached; ingress {ingress}"));
-    let mut server = tunnel_procs::server(&w, &pki, ingress, agents_at, metrics_at);
     say(&format!("   tunnel server up: agents dial {agents_at}"));
     let mut agents = Vec::new();
     for (node, dial) in [
@@ -194,10 +191,7 @@ fn main() {
     say(&format!(
         "\n== tunnel server metrics (http://{metrics_at}/metrics, excerpt)"
     ));
-    let metrics = {
-        let _m = w.master.enter();
-        http_get(metrics_at, "/metrics")
-    };
+    let metrics = tunnel_procs::http_get(&w, metrics_at, "/metrics");
     for line in metrics.lines().filter(|l| {
         l.starts_with("tunnel_server_sessions ")
             || l.starts_with("tunnel_server_streams_total")
@@ -223,7 +217,7 @@ fn main() {
     say("\n== Tearing down (agents, tunnel server, programs, links, pins, cgroup, namespaces)");
     drop(agents);
     drop(server);
-    drop(_redirector);
+    drop(redirector);
     let pins = w.pin_dir.clone();
     drop(w);
     if Command::new("ls")
@@ -241,14 +235,4 @@ fn main() {
         eprintln!("demo: some checks FAILED (see above)");
         std::process::exit(1);
     }
-}
-
-/// A plain HTTP/1.0 GET.
-fn http_get(at: std::net::SocketAddr, path: &str) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(at).expect("metrics endpoint");
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: demo\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
