@@ -395,7 +395,11 @@ impl Server {
         let refused: Mutex<Option<Refusal>> = Mutex::new(None);
         let answer = async {
             let why = match tokio::time::timeout(self.0.cfg.open_timeout, resp).await {
-                Ok(Ok(r)) if r.status() == http::StatusCode::OK => return Some(r.into_body()),
+                Ok(Ok(r)) if r.status() == http::StatusCode::OK => {
+                    // Counted when the agent accepted it, before any reply reaches the client.
+                    self.0.stats.streams_total.inc();
+                    return Some(r.into_body());
+                }
                 Ok(Ok(r)) => {
                     let detail = r
                         .headers()
@@ -431,7 +435,6 @@ impl Server {
         if let Some(why) = *refused.lock().unwrap() {
             return Err(why);
         }
-        st.streams_total.inc();
         st.bytes
             .get_or_create(&Direction {
                 direction: "to_node",
