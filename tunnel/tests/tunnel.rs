@@ -35,27 +35,8 @@ async fn two_nodes_with_the_same_internal_ip_each_get_their_own_streams_and_the_
     // Each node's services are on its own loopback address, same port number.
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
     greeting_service("127.0.0.3".parse().unwrap(), port, "I am edge-b").await;
-    let _a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    let _b = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-b"),
-        "edge-b",
-        &[srv.agent_addr],
-        "127.0.0.3".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(
-        || srv.server.connected_nodes() == ["edge-a", "edge-b"],
-        "both sessions",
-    )
-    .await;
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+    let _b = node_agent(&ca, &srv, "edge-b", "127.0.0.3", &[port]).await;
 
     for _ in 0..3 {
         for (tunnel_ip, who) in [("203.0.113.10", "edge-a"), ("203.0.113.11", "edge-b")] {
@@ -477,27 +458,8 @@ async fn agent_restart_and_server_restart_reconnect_and_nothing_is_misrouted() {
     let srv = start_server(&ca, routes(TABLE)).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "I am edge-a").await;
     greeting_service("127.0.0.3".parse().unwrap(), port, "I am edge-b").await;
-    let a = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[srv.agent_addr],
-        "127.0.0.2".parse().unwrap(),
-        &[port],
-    ));
-    let _b = start_agent(agent_config(
-        &ca,
-        ca.agent("edge-b"),
-        "edge-b",
-        &[srv.agent_addr],
-        "127.0.0.3".parse().unwrap(),
-        &[port],
-    ));
-    wait_for(
-        || srv.server.connected_nodes() == ["edge-a", "edge-b"],
-        "both sessions",
-    )
-    .await;
+    let a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+    let _b = node_agent(&ca, &srv, "edge-b", "127.0.0.3", &[port]).await;
 
     // Agent restart.
     a.stop.cancel();
