@@ -10,8 +10,10 @@
 //! certificate, verified against the cluster CA ([`identity`]); sessions are keyed by it, never
 //! by IP.
 //!
-//! Modules: [`server`] (agent sessions, ingress, routing), [`agent`], [`relay`] (TCP <->
-//! stream with half-close, abort and per-stream flow control), [`tls`], [`identity`].
+//! Modules: [`server`] (agent sessions, ingress, routing), [`agent`] (sessions to every
+//! replica, the allow-listed local dial), [`relay`] (TCP <-> stream with half-close, abort and
+//! per-stream flow control), [`keepalive`] (PING), [`metrics`] (Prometheus, health), [`tls`],
+//! [`identity`].
 pub mod agent;
 pub mod error;
 pub mod identity;
