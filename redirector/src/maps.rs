@@ -1,11 +1,7 @@
 //! Typed access to the redirector's pinned maps. Every user of the maps (the `run` loop, the
 //! CLI's `status` and `ports`, the ingress's original-destination lookup) opens them from
 //! their pins, so a restarted or second process sees exactly what the kernel uses.
-use std::{
-    collections::BTreeSet,
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, os::fd::AsFd, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use redirector_common::{Config, Ip6Words, NodeValue, PortValue, capacity, counter, map_names};
@@ -16,7 +12,6 @@ use crate::{
 };
 
 pub struct PinnedMaps {
-    pin_dir: PathBuf,
     nodes4: HashMap<MapData, u32, NodeValue>,
     nodes6: HashMap<MapData, Ip6Words, NodeValue>,
     /// Second handles on the node maps for batch writes (aya has no batch API).
@@ -62,7 +57,6 @@ impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let m = |n| open_map(pin_dir, n);
         Ok(Self {
-            pin_dir: pin_dir.to_owned(),
             nodes4: typed(map_names::NODES4, Map::HashMap(m(map_names::NODES4)?))?,
             nodes6: typed(map_names::NODES6, Map::HashMap(m(map_names::NODES6)?))?,
             nodes4_raw: m(map_names::NODES4)?,
@@ -74,10 +68,6 @@ impl PinnedMaps {
                 Map::PerCpuArray(m(map_names::COUNTERS)?),
             )?,
         })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     pub fn config(&self) -> Result<Config> {

@@ -127,9 +127,4 @@ impl OrigDstTable {
         }
         Ok(Some(orig))
     }
-
-    /// Entries waiting to be taken (for status; walks the map).
-    pub fn pending(&self) -> usize {
-        self.map.keys().filter(Result::is_ok).count()
-    }
 }
