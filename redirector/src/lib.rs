@@ -15,8 +15,10 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod error;
+pub mod http;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod node_table;
 pub mod origdst;
 pub mod run;

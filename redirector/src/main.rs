@@ -97,6 +97,13 @@ struct RunArgs {
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `off` disables them.
+    #[arg(
+        long,
+        env = "REDIRECTOR_METRICS_LISTEN",
+        default_value = "127.0.0.1:10269"
+    )]
+    metrics_listen: String,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -190,6 +197,14 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         pod_ingress6: args.pod_ingress6,
         reload_interval: Duration::from_secs_f64(args.reload_interval),
         ready_file: args.ready_file,
+        metrics_listen: match args.metrics_listen.as_str() {
+            "off" => None,
+            a => Some(a.parse().map_err(|_| {
+                redirector::Error::Config(format!(
+                    "--metrics-listen {a:?}: expected host:port or off"
+                ))
+            })?),
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

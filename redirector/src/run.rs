@@ -4,6 +4,10 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -14,6 +18,7 @@ use crate::{
     error::{Error, Result},
     loader::{self, InstallOptions},
     maps::PinnedMaps,
+    metrics::MapsCollector,
     node_table::{NodeTable, ip6_words},
     sys,
 };
@@ -31,6 +36,8 @@ pub struct RunConfig {
     pub reload_interval: Duration,
     /// Created once the programs are attached and the maps filled.
     pub ready_file: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl RunConfig {
@@ -100,9 +107,14 @@ fn kernel_config(cfg: &RunConfig) -> Result<Config> {
     })
 }
 
-/// Loads the node table and writes the differences into the maps.
-fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig) -> Result<()> {
+/// Loads the node table and writes the differences into the maps; records how many addresses
+/// are ambiguous.
+fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig, ambiguous: &AtomicU64) -> Result<()> {
     let table = NodeTable::load(&cfg.node_table)?;
+    ambiguous.store(
+        table.owners().values().filter(|o| o.len() > 1).count() as u64,
+        Ordering::Relaxed,
+    );
     for (ip, owners) in table.owners().iter().filter(|(_, o)| o.len() > 1) {
         let owners: Vec<_> = owners.iter().copied().collect();
         tracing::warn!(%ip, nodes = ?owners, "address shared by several nodes: connections to it will be refused by the tunnel; reach these nodes by their unique addresses");
@@ -132,7 +144,28 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     let mut maps = PinnedMaps::open(&cfg.install.pin_dir)?;
     maps.set_config(&kernel_config(&cfg)?)?;
     maps.set_ports(&cfg.ports)?;
-    apply_node_table(&mut maps, &cfg)?;
+    let ambiguous = Arc::new(AtomicU64::new(0));
+    apply_node_table(&mut maps, &cfg, &ambiguous)?;
+    if let Some(at) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+            Error::io(
+                format!("listening for metrics on {at} (--metrics-listen)"),
+                e,
+            )
+        })?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let collector =
+            MapsCollector::new(PinnedMaps::open(&cfg.install.pin_dir)?, ambiguous.clone());
+        registry.register_collector(Box::new(collector));
+        // Ready from here on: the programs are attached and the maps filled.
+        tokio::spawn(crate::http::serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(|| true),
+            shutdown.clone(),
+        ));
+        tracing::info!(%at, "serving /metrics, /healthz, /readyz");
+    }
     if let Some(ready) = &cfg.ready_file {
         std::fs::write(ready, b"ready\n")
             .map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
@@ -156,7 +189,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         if forced || mtime != last_mtime {
             last_mtime = mtime;
             // A bad edit keeps the last good table in the kernel: every node stays reachable.
-            if let Err(e) = apply_node_table(&mut maps, &cfg) {
+            if let Err(e) = apply_node_table(&mut maps, &cfg, &ambiguous) {
                 tracing::error!("node table not applied, keeping the previous one: {e}");
             }
         }

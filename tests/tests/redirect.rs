@@ -470,3 +470,47 @@ fn inside_a_cgroup_namespace_the_container_root_is_refused_not_attached() {
     );
     assert!(!w.pin_dir.exists(), "nothing installed");
 }
+
+#[test]
+fn metrics_health_and_readiness_are_served_from_the_pinned_maps() {
+    let w = World::new();
+    std::fs::write(
+        &w.node_table,
+        format!("{}edge-x 198.51.100.12\n", redirector_tests::NODE_TABLE),
+    )
+    .unwrap();
+    let _r = w.start_redirector(&[]);
+    let v = w.probe(
+        true,
+        None,
+        &["connect", "198.51.100.10:10250", "198.51.100.11:80"],
+    );
+    assert_eq!(replies(&v).len(), 2);
+    let at: std::net::SocketAddr = "127.0.0.1:10269".parse().unwrap(); // the default
+    assert!(
+        redirector_tests::tunnel_procs::http_get(&w, at, "/readyz").starts_with("HTTP/1.0 200")
+    );
+    assert!(
+        redirector_tests::tunnel_procs::http_get(&w, at, "/healthz").starts_with("HTTP/1.0 200")
+    );
+    let m = redirector_tests::tunnel_procs::http_get(&w, at, "/metrics");
+    for line in [
+        "redirector_redirected_total 1",
+        "redirector_published_total 1",
+        "redirector_node_addresses_ipv4 3",
+        "redirector_node_addresses_ipv6 1",
+        "redirector_ports 3",
+        // 198.51.100.12 is listed by edge-c and edge-x.
+        "redirector_ambiguous_addresses 1",
+    ] {
+        assert!(
+            m.lines().any(|l| l == line),
+            "/metrics lacks {line:?}:\n{m}"
+        );
+    }
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("redirector_passed_total ") && l != "redirector_passed_total 0"),
+        "{m}"
+    );
+}

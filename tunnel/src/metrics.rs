@@ -1,17 +1,10 @@
-//! Prometheus metrics for both ends (prometheus-client), and the small HTTP endpoint that
-//! serves them with `/healthz` and `/readyz` (hyper).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
-
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+//! Prometheus metrics for both ends (prometheus-client); served by [`redirector::http::serve`]
+//! with `/healthz` and `/readyz`.
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -139,60 +132,4 @@ impl AgentMetrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`. `ready` decides readiness.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    ready: Arc<dyn Fn() -> bool + Send + Sync>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (tcp, _peer): (_, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-        };
-        let (registry, ready) = (registry.clone(), ready.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let (registry, ready) = (registry.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(respond(req.uri().path(), &registry, &*ready)) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-fn respond(
-    path: &str,
-    registry: &Registry,
-    ready: &(dyn Fn() -> bool + Send + Sync),
-) -> Response<Full<bytes::Bytes>> {
-    let (status, ctype, body) = match path {
-        "/metrics" => {
-            let mut s = String::new();
-            match prometheus_client::encoding::text::encode(&mut s, registry) {
-                Ok(()) => (
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    s,
-                ),
-                Err(e) => (500, "text/plain", format!("encoding metrics: {e}\n")),
-            }
-        }
-        "/healthz" => (200, "text/plain", "ok\n".into()),
-        "/readyz" if ready() => (200, "text/plain", "ready\n".into()),
-        "/readyz" => (503, "text/plain", "not ready\n".into()),
-        _ => (
-            404,
-            "text/plain",
-            "not found: try /metrics, /healthz, /readyz\n".into(),
-        ),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", ctype)
-        .body(Full::new(body.into()))
-        .expect("static response")
-}
+pub use redirector::http::serve;
