@@ -241,6 +241,22 @@ mod tests {
     }
 
     #[test]
+    fn every_prefix_of_a_valid_table_parses_or_errs_without_panicking() {
+        let text = "# nodes\nedge-a 198.51.100.10 203.0.113.10\nedge-b 2001:db8::12 # v6\n";
+        for n in 0..=text.len() {
+            if let Ok(t) = parse(&text[..n]) {
+                // Whatever parsed is a subset of the whole table.
+                let full = parse(text).unwrap();
+                assert!(
+                    t.nodes.keys().all(|k| full.nodes.contains_key(k)),
+                    "prefix {n}: {t:?}"
+                );
+            }
+        }
+        assert_eq!(parse(text).unwrap().nodes.len(), 2);
+    }
+
+    #[test]
     fn word_conversion_round_trips() {
         let b: [u8; 16] = [
             0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12,

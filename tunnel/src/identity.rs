@@ -54,3 +54,66 @@ pub fn valid_node_name(id: &str) -> bool {
         && id.chars().next().is_some_and(alnum)
         && id.chars().last().is_some_and(alnum)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert_with(uris: &[&str]) -> Vec<u8> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for u in uris {
+            p.subject_alt_names
+                .push(SanType::URI((*u).try_into().unwrap()));
+        }
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn reads_exactly_one_node_uri() {
+        assert_eq!(
+            node_id_from_cert(&cert_with(&["urn:edge-redirector:node:edge-a"])).unwrap(),
+            "edge-a"
+        );
+        // Other URIs are ignored.
+        let other = cert_with(&["spiffe://cluster/ns/x", "urn:edge-redirector:node:edge-b"]);
+        assert_eq!(node_id_from_cert(&other).unwrap(), "edge-b");
+    }
+
+    #[test]
+    fn missing_several_or_invalid_identities_are_refused_with_the_reason() {
+        let cases: [(&[&str], &str); 3] = [
+            (&[], "has no URI SAN urn:edge-redirector:node:<node>"),
+            (
+                &["urn:edge-redirector:node:a", "urn:edge-redirector:node:b"],
+                "names several nodes",
+            ),
+            (
+                &["urn:edge-redirector:node:Edge_A"],
+                "not a valid node name",
+            ),
+        ];
+        for (uris, reason) in cases {
+            let e = node_id_from_cert(&cert_with(uris)).unwrap_err().to_string();
+            assert!(e.contains(reason), "{uris:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_certificate_is_an_error_not_a_panic() {
+        let der = cert_with(&["urn:edge-redirector:node:edge-a"]);
+        for n in 0..der.len() {
+            assert!(
+                node_id_from_cert(&der[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
+        }
+        // And garbage of every length.
+        for n in 0..64 {
+            assert!(node_id_from_cert(&vec![0x30; n]).is_err());
+        }
+    }
+}
