@@ -120,6 +120,18 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "connected");
 
+    // The server has taken the connection (it counts it from acceptance) before the signal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tunnel_procs::http_get(&w, st.metrics_at, "/metrics")
+        .lines()
+        .any(|l| l == "tunnel_server_streams_open 1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held connection never reached the server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(st.server.child.id() as i32, libc::SIGTERM) };
     st.server.wait_log(&["draining open streams", "streams=1"]);

@@ -57,7 +57,7 @@ impl ServerMetrics {
         );
         r.register(
             "tunnel_server_streams_open",
-            "Streams currently relaying",
+            "Redirected connections being handled (opening a stream or relaying)",
             self.streams_open.clone(),
         );
         r.register(

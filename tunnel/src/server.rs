@@ -306,6 +306,20 @@ impl Server {
         tcp: TcpStream,
         orig: Option<OriginalDst>,
     ) -> Result<relay::Outcome, Refusal> {
+        // Counted from acceptance, not from the stream open: a stopping server drains what it
+        // accepted, including connections still waiting for their stream.
+        let st = &self.0.stats;
+        st.streams_open.inc();
+        let r = self.route_and_forward(tcp, orig).await;
+        st.streams_open.dec();
+        r
+    }
+
+    async fn route_and_forward(
+        &self,
+        tcp: TcpStream,
+        orig: Option<OriginalDst>,
+    ) -> Result<relay::Outcome, Refusal> {
         let peer = tcp.peer_addr().ok();
         let Some(orig) = orig else {
             return Err(self.refuse(
@@ -429,9 +443,7 @@ impl Server {
             None
         };
         let st = &self.0.stats;
-        st.streams_open.inc();
         let out = relay::relay_before_answer(tcp, tx, answer).await;
-        st.streams_open.dec();
         if let Some(why) = *refused.lock().unwrap() {
             return Err(why);
         }
