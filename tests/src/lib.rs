@@ -187,7 +187,7 @@ impl World {
         netns: Option<&Netns>,
         args: &[&str],
     ) -> serde_json::Value {
-        let mut cmd = Command::new(env_bin("probe"));
+        let mut cmd = Command::new(spawn::workspace_bin("probe"));
         cmd.args(args);
         spawn::place(
             &mut cmd,
@@ -230,16 +230,9 @@ impl Drop for World {
     }
 }
 
-/// A binary of this package (probe, bench-redirect).
-pub fn env_bin(name: &str) -> PathBuf {
-    spawn::workspace_bin(name)
-}
-
 /// A running `redirector run`, killed on drop (its pins stay: [`World`] removes them).
 pub struct RedirectorProc {
-    pub child: Child,
-    pub ready_file: PathBuf,
-    pub log_file: PathBuf,
+    pub proc: LoggedProc,
 }
 
 impl RedirectorProc {
@@ -247,71 +240,51 @@ impl RedirectorProc {
         Self::start_with_ingress(world, world.host_ingress, extra)
     }
 
-    /// Starts with host clients sent to `host_ingress` (e.g. a real tunnel server's).
+    /// Starts with host clients sent to `host_ingress` (e.g. a real tunnel server's) and waits
+    /// for its ready file.
     pub fn start_with_ingress(world: &World, host_ingress: SocketAddr, extra: &[&str]) -> Self {
         let ready_file = world.dir.join(format!("ready-{}", unique_id()));
-        let log_file = world.dir.join(format!("redirector-{}.log", unique_id()));
-        let log = fs::File::create(&log_file).expect("log file");
-        let mut cmd = Command::new(spawn::workspace_bin("redirector"));
-        cmd.arg("--pin-dir")
-            .arg(&world.pin_dir)
-            .arg("run")
-            .arg("--cgroup")
-            .arg(&world.cgroup.path)
-            .arg("--node-table")
-            .arg(&world.node_table)
-            .arg("--host-ingress")
-            .arg(host_ingress.to_string())
-            .arg("--pod-ingress")
-            .arg(world.pod_ingress.to_string())
-            .arg("--host-ingress6")
-            .arg(world.host_ingress6.to_string())
-            .arg("--ready-file")
-            .arg(&ready_file)
-            .arg("--reload-interval")
-            .arg("0.2")
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .env("RUST_LOG", "info");
-        spawn::place(&mut cmd, None, Some(&world.master));
-        let mut child = cmd.spawn().expect("spawn redirector");
+        let mut args: Vec<String> = ["--pin-dir", &world.pin_dir.display().to_string(), "run"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (flag, value) in [
+            ("--cgroup", world.cgroup.path.display().to_string()),
+            ("--node-table", world.node_table.display().to_string()),
+            ("--host-ingress", host_ingress.to_string()),
+            ("--pod-ingress", world.pod_ingress.to_string()),
+            ("--host-ingress6", world.host_ingress6.to_string()),
+            ("--ready-file", ready_file.display().to_string()),
+            ("--reload-interval", "0.2".to_string()),
+        ] {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = LoggedProc::spawn(world, "redirector", &world.master, "redirector", &args);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready_file.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "redirector exited ({status}) before ready:\n{}",
-                    fs::read_to_string(&log_file).unwrap_or_default()
-                );
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("redirector exited ({status}) before ready:\n{}", proc.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "redirector not ready in 30 s:\n{}",
-                fs::read_to_string(&log_file).unwrap_or_default()
+                proc.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Self {
-            child,
-            ready_file,
-            log_file,
-        }
+        Self { proc }
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_file).unwrap_or_default()
+        self.proc.log()
     }
 
     pub fn sigkill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedirectorProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.child.kill(); // SIGKILL
+        let _ = self.proc.child.wait();
     }
 }
 

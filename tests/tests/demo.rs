@@ -5,7 +5,7 @@ use std::process::Command;
 #[test]
 fn demo_runs_to_the_end_with_every_check_passing_and_cleans_up() {
     redirector_tests::require_root();
-    let out = Command::new(redirector_tests::env_bin("demo"))
+    let out = Command::new(redirector_tests::spawn::workspace_bin("demo"))
         .output()
         .expect("spawn demo");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -245,7 +245,7 @@ fn sigkill_during_a_connect_loop_lets_nothing_escape_and_the_restart_adopts_the_
     let mut first = w.start_redirector(&[]);
     let before = status_json(&w);
 
-    let mut cmd = Command::new(redirector_tests::env_bin("probe"));
+    let mut cmd = Command::new(redirector_tests::spawn::workspace_bin("probe"));
     cmd.args(["loop", "198.51.100.11:10250", "--duration-ms", "3000"]);
     redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
     let client = cmd

@@ -109,7 +109,7 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     );
 
     // An open stream (think `kubectl exec`), idle across the stop signal.
-    let mut cmd = std::process::Command::new(redirector_tests::env_bin("probe"));
+    let mut cmd = std::process::Command::new(redirector_tests::spawn::workspace_bin("probe"));
     cmd.args(["hold", "198.51.100.10:10250"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped());

@@ -208,7 +208,7 @@ fn main() {
             pins = w.pin_dir.display(),
             m = w.master.name,
             cg = w.cgroup.path.display(),
-            probe = redirector_tests::env_bin("probe").display(),
+            probe = redirector_tests::spawn::workspace_bin("probe").display(),
         ));
         while !STOP.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
