@@ -45,6 +45,11 @@ impl NodeTable {
         Self::parse(&text, path)
     }
 
+    /// The file's modification time, to notice edits (None if it cannot be read now).
+    pub fn modified(path: &Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
     /// Parses the text of a node table; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
         let mut nodes: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();

@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use redirector_common::{Config, Ingress};
@@ -124,10 +124,6 @@ fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig, ambiguous: &AtomicU6
     Ok(())
 }
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
 /// Installs and serves until `shutdown` is cancelled. Pins stay in place on return.
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
@@ -175,7 +171,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| Error::io("installing the SIGHUP handler", e))?;
     let mut tick = tokio::time::interval(cfg.reload_interval);
-    let mut last_mtime = modified(&cfg.node_table);
+    let mut last_mtime = NodeTable::modified(&cfg.node_table);
     loop {
         let forced = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -185,7 +181,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         if let Some(l) = installed.logger.as_mut() {
             l.flush();
         }
-        let mtime = modified(&cfg.node_table);
+        let mtime = NodeTable::modified(&cfg.node_table);
         if forced || mtime != last_mtime {
             last_mtime = mtime;
             // A bad edit keeps the last good table in the kernel: every node stays reachable.

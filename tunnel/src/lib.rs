@@ -24,3 +24,17 @@ pub mod server;
 pub mod tls;
 
 pub use error::{Error, Result};
+
+/// A listener with a deep accept queue (4096). A burst of connections (a scrape of many nodes,
+/// 1,000 streams opened at once) otherwise overflows the default 1024, and the kernel's SYN-flood
+/// handling answers with cookies and resets.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}

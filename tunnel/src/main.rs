@@ -166,18 +166,7 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
-    let err = |e: std::io::Error| format!("cannot listen on {addr} ({what}): {e}");
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    sock.set_reuseaddr(true).map_err(err)?;
-    sock.bind(addr).map_err(err)?;
-    // A scrape of many nodes at once arrives as a burst: a deep accept queue keeps the kernel
-    // from answering it with SYN cookies and resets.
-    sock.listen(4096).map_err(err)
+    tunnel::listen(addr).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -323,14 +312,13 @@ async fn drain(server: &Server, deadline: Duration) {
 
 /// Re-reads the node table when it changes; a bad edit keeps the previous routes.
 async fn follow_node_table(server: Server, path: PathBuf, stop: CancellationToken) {
-    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = mtime(&path);
+    let mut last = NodeTable::modified(&path);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let now = mtime(&path);
+        let now = NodeTable::modified(&path);
         if now != last {
             last = now;
             match NodeTable::load(&path) {

@@ -226,12 +226,8 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
 /// A service on `ip`:`port` (0 = any) that greets with `name`, echoes until EOF, then says
 /// "bye <n>" with the number of bytes it got, and closes.
 pub async fn greeting_service(ip: IpAddr, port: u16, name: &'static str) -> u16 {
-    // Backlog 4096: the default 1024 overflows when a test opens 1,000 streams at once, and
-    // the kernel's SYN-flood handling then resets some of them (a fixture limit, not ours).
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_reuseaddr(true).unwrap();
-    sock.bind(SocketAddr::new(ip, port)).unwrap();
-    let l = sock.listen(4096).unwrap();
+    // Deep backlog: 1,000 streams opened at once would overflow the default (see tunnel::listen).
+    let l = tunnel::listen(SocketAddr::new(ip, port)).unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
