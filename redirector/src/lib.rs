@@ -8,13 +8,15 @@
 //! Layout:
 //! - [`loader`]: load, attach, pin, adopt pins on restart (`BPF_LINK_UPDATE`, no gap).
 //! - [`maps`]: typed access to the pinned maps (nodes, ports, config, counters).
-//! - [`node_table`]: the static node table file (node ID -> addresses).
+//! - [`node_table`]: the static node table file (node ID -> addresses, tunnel address).
+//! - [`hosts`]: the managed hosts-file block (node name -> tunnel address).
 //! - [`origdst`]: original-destination lookup for the ingress.
 //! - [`run`]: the long-running `redirector run` loop; [`status`], [`uninstall`] for the CLI.
 //! - [`cgroup`], [`bpffs`], [`sys`]: the host facts and raw syscalls underneath.
 pub mod bpffs;
 pub mod cgroup;
 pub mod error;
+pub mod hosts;
 pub mod http;
 pub mod loader;
 pub mod maps;

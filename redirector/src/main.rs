@@ -97,6 +97,11 @@ struct RunArgs {
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
+
+    /// Hosts file whose managed block maps each node name to its `tunnel=` address (e.g. the
+    /// master's /etc/hosts, which the API server reads); lines outside the block are kept
+    #[arg(long, env = "REDIRECTOR_HOSTS_FILE")]
+    hosts_file: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `off` disables them.
     #[arg(
         long,
@@ -197,6 +202,7 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         pod_ingress6: args.pod_ingress6,
         reload_interval: Duration::from_secs_f64(args.reload_interval),
         ready_file: args.ready_file,
+        hosts_file: args.hosts_file,
         metrics_listen: match args.metrics_listen.as_str() {
             "off" => None,
             a => Some(a.parse().map_err(|_| {

@@ -3,15 +3,17 @@
 //! File format, one node per line, `#` starts a comment:
 //!
 //! ```text
-//! # node-id        addresses (InternalIP, ExternalIP, tunnel address, ...)
-//! edge-a           198.51.100.10  203.0.113.10
-//! edge-b           198.51.100.10  203.0.113.11      # same InternalIP as edge-a
+//! # node-id        addresses (InternalIP, ExternalIP, ...), then the tunnel address
+//! edge-a           198.51.100.10  tunnel=203.0.113.10
+//! edge-b           198.51.100.10  tunnel=203.0.113.11      # same InternalIP as edge-a
 //! edge-v6          2001:db8::10
 //! ```
 //!
 //! Node IDs are Kubernetes node names (DNS subdomains). An address listed by two nodes is
 //! *ambiguous*: it is still redirected, and the tunnel refuses it naming both nodes, so it is
-//! never routed to the wrong one.
+//! never routed to the wrong one. `tunnel=<ip>` marks the node's *tunnel address*: an address
+//! unique to that node (no other node may list it), which its name resolves to (see
+//! [`crate::hosts`]), so a node stays reachable by name even when its InternalIP is shared.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -26,6 +28,8 @@ use crate::error::{Error, Result};
 pub struct NodeTable {
     /// node ID -> its addresses (IPv4-mapped IPv6 normalised to IPv4), in file order.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// node ID -> its tunnel address (also one of its `nodes` addresses).
+    pub tunnel: BTreeMap<String, IpAddr>,
 }
 
 /// What the kernel maps should hold for a node table.
@@ -53,6 +57,7 @@ impl NodeTable {
     /// Parses the text of a node table; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
         let mut nodes: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        let mut tunnel: BTreeMap<String, (IpAddr, usize)> = BTreeMap::new();
         let err = |line: usize, reason: String| Error::NodeTable {
             file: file.to_owned(),
             line,
@@ -77,7 +82,17 @@ impl NodeTable {
             }
             let mut addrs = Vec::new();
             for f in fields {
+                let (is_tunnel, f) = match f.strip_prefix("tunnel=") {
+                    Some(rest) => (true, rest),
+                    None => (false, f),
+                };
                 let ip = parse_address(f).map_err(|r| err(line_no, format!("node {id:?}: {r}")))?;
+                if is_tunnel && tunnel.insert(id.to_owned(), (ip, line_no)).is_some() {
+                    return Err(err(
+                        line_no,
+                        format!("node {id:?} has two tunnel= addresses; give it one"),
+                    ));
+                }
                 if !addrs.contains(&ip) {
                     addrs.push(ip);
                 }
@@ -90,7 +105,23 @@ impl NodeTable {
             }
             nodes.insert(id.to_owned(), addrs);
         }
-        Ok(Self { nodes })
+        // A tunnel address is what the node's name resolves to: shared, it would be refused.
+        for (id, (ip, line_no)) in &tunnel {
+            if let Some(other) = nodes
+                .iter()
+                .find(|(other, addrs)| *other != id && addrs.contains(ip))
+            {
+                return Err(err(
+                    *line_no,
+                    format!(
+                        "tunnel address {ip} of node {id:?} is also listed by node {:?}; a tunnel address must belong to one node only",
+                        other.0
+                    ),
+                ));
+            }
+        }
+        let tunnel = tunnel.into_iter().map(|(id, (ip, _))| (id, ip)).collect();
+        Ok(Self { nodes, tunnel })
     }
 
     /// Every address with the nodes that list it (more than one = ambiguous).
@@ -220,6 +251,25 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_addresses_are_node_addresses_too() {
+        let t = parse("edge-a 192.0.2.10 tunnel=198.51.100.10\nedge-b 192.0.2.10 tunnel=198.51.100.11\nedge-c 192.0.2.30\n").unwrap();
+        assert_eq!(t.tunnel.len(), 2);
+        assert_eq!(
+            t.tunnel["edge-b"],
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11))
+        );
+        assert!(t.nodes["edge-b"].contains(&t.tunnel["edge-b"]));
+        // Redirected like any other address; the shared InternalIP stays ambiguous.
+        let k = t.kernel_entries();
+        assert_eq!(k.v4.len(), 4);
+        assert_eq!(k.v4[&u32::from_ne_bytes([198, 51, 100, 11])].flags, 0);
+        assert_eq!(
+            k.v4[&u32::from_ne_bytes([192, 0, 2, 10])].flags,
+            node_flags::AMBIGUOUS
+        );
+    }
+
+    #[test]
     fn bad_lines_name_file_line_and_reason() {
         let cases = [
             ("edge-a\n", 1, "has no address"),
@@ -233,6 +283,17 @@ mod tests {
             ("a 127.0.0.1\n", 1, "loopback"),
             ("a 0.0.0.0\n", 1, "unspecified"),
             ("a 224.0.0.1\n", 1, "multicast"),
+            (
+                "a 198.51.100.1 tunnel=203.0.113.1 tunnel=203.0.113.2\n",
+                1,
+                "two tunnel= addresses",
+            ),
+            (
+                "a tunnel=203.0.113.1\nb 198.51.100.2\nc 203.0.113.1\n",
+                1,
+                "also listed by node \"c\"",
+            ),
+            ("a tunnel=nope\n", 1, "not an IPv4 or IPv6 address"),
         ];
         for (text, line, reason) in cases {
             let e = parse(text).unwrap_err();

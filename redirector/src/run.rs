@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub reload_interval: Duration,
     /// Created once the programs are attached and the maps filled.
     pub ready_file: Option<PathBuf>,
+    /// Hosts file whose managed block names every node's tunnel address.
+    pub hosts_file: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -121,6 +123,11 @@ fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig, ambiguous: &AtomicU6
     }
     let stats = maps.sync_nodes(&table.kernel_entries(), cfg.install.max_node_addresses)?;
     tracing::info!(nodes = table.nodes.len(), added = stats.added, updated = stats.updated, removed = stats.removed, file = %cfg.node_table.display(), "node table applied");
+    if let Some(path) = &cfg.hosts_file
+        && crate::hosts::update(path, &table)?
+    {
+        tracing::info!(file = %path.display(), names = table.tunnel.len(), "hosts file block updated");
+    }
     Ok(())
 }
 
