@@ -19,9 +19,18 @@ BPF_TOOLCHAIN="${BPF_TOOLCHAIN:-nightly-2026-08-05}"
 LLVM_MAJOR=22
 BPF_LINKER_VERSION=0.13.0
 LLVM_DIR="/usr/lib/llvm-${LLVM_MAJOR}"
-# Runtime tools the tests and benchmarks drive: iproute2 (netns, veth), iptables (the DNAT
-# baseline), bpftool (inspection in tests and troubleshooting), procps (pgrep/pkill).
-APT_PACKAGES=(iproute2 iptables bpftool procps)
+# Runtime tools the tests, the demo and the benchmarks drive: iproute2 (netns, veth), iptables
+# (the DNAT baseline), bpftool (inspection in tests and troubleshooting), procps (pgrep/pkill),
+# curl (the demo's client), util-linux (nsenter, unshare, setpriv), python3-venv (the manifest
+# validator's environment).
+APT_PACKAGES=(iproute2 iptables bpftool procps curl util-linux python3-venv)
+# Debian's Prometheus and node-exporter for the demo, unpacked (not installed: installing
+# starts host-wide services on :9090 and :9100) into DEMO_TOOLS.
+DEMO_TOOLS="${DEMO_TOOLS:-/opt/edge-redirector-demo}"
+DEMO_DEBS=(prometheus prometheus-node-exporter)
+# kubernetes-validate (PyPI) checks deploy/ against the Kubernetes schemas, in its own venv.
+VALIDATE_VENV="${VALIDATE_VENV:-/opt/edge-redirector-dev/venv}"
+KUBERNETES_VALIDATE_VERSION=1.37.0
 
 export PATH="$HOME/.cargo/bin:$PATH"   # rustc invokes bpf-linker from PATH
 export DEBIAN_FRONTEND=noninteractive
@@ -84,6 +93,25 @@ if command -v bpf-linker >/dev/null \
     echo "setup: cargo install bpf-linker $BPF_LINKER_VERSION (llvm-$LLVM_MAJOR)"
     LLVM_PREFIX="$LLVM_DIR" cargo +"$HOST_TOOLCHAIN" install --locked --force \
         "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+for deb in "${DEMO_DEBS[@]}"; do
+    if [ ! -x "$DEMO_TOOLS/usr/bin/$deb" ]; then
+        echo "setup: unpacking Debian's $deb into $DEMO_TOOLS"
+        if [ "$APT_UPDATED" = 0 ]; then apt-get update -qq; APT_UPDATED=1; fi
+        tmp=$(mktemp -d) && chmod 755 "$tmp"   # apt downloads as user _apt
+        (cd "$tmp" && apt-get download -qq "$deb")
+        mkdir -p "$DEMO_TOOLS"
+        dpkg-deb -x "$tmp"/"$deb"_*.deb "$DEMO_TOOLS"
+        rm -rf "$tmp"
+    fi
+done
+
+if [ ! -x "$VALIDATE_VENV/bin/kubernetes-validate" ] \
+   || [ "$("$VALIDATE_VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    echo "setup: kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VALIDATE_VENV"
+    python3 -m venv "$VALIDATE_VENV" 2>/dev/null || /usr/bin/python3 -m venv "$VALIDATE_VENV"
+    "$VALIDATE_VENV/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 
 # bpffs: the redirector pins its programs and maps here; it mounts it itself if missing, but

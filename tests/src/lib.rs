@@ -310,17 +310,25 @@ pub struct LoggedProc {
 }
 
 impl LoggedProc {
-    /// Starts `bin args` in `netns` (and optionally the test cgroup).
+    /// Starts the workspace binary `bin args` in `netns`, logging to the world's directory.
     pub fn spawn(world: &World, name: &str, netns: &Netns, bin: &str, args: &[&str]) -> Self {
-        let log_file = world.dir.join(format!("{name}-{}.log", unique_id()));
-        let log = fs::File::create(&log_file).expect("log file");
         let mut cmd = Command::new(spawn::workspace_bin(bin));
-        cmd.args(args)
-            .stdout(Stdio::null())
+        cmd.args(args);
+        spawn::place(&mut cmd, None, Some(netns));
+        Self::start(&world.dir, name, cmd)
+    }
+
+    /// Starts a prepared command with its stdout discarded and its stderr in
+    /// `<log_dir>/<name>-<id>.log`.
+    pub fn start(log_dir: &std::path::Path, name: &str, mut cmd: Command) -> Self {
+        let log_file = log_dir.join(format!("{name}-{}.log", unique_id()));
+        let log = fs::File::create(&log_file).expect("log file");
+        cmd.stdout(Stdio::null())
             .stderr(log)
             .env("RUST_LOG", "info");
-        spawn::place(&mut cmd, None, Some(netns));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         Self { child, log_file }
     }
 

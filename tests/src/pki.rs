@@ -20,14 +20,19 @@ pub type Pair = (PathBuf, PathBuf);
 
 impl TestPki {
     pub fn new(dir: &Path) -> Self {
+        Self::named(dir, "ca", "test cluster CA")
+    }
+
+    /// A CA of its own, written to `<dir>/<file>.pem` (e.g. a kubelet serving CA beside the
+    /// tunnel's).
+    pub fn named(dir: &Path, file: &str, common_name: &str) -> Self {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, "test cluster CA");
+        p.distinguished_name.push(DnType::CommonName, common_name);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().unwrap();
         let cert = p.self_signed(&key).unwrap();
-        let ca_pem = dir.join("ca.pem");
+        let ca_pem = dir.join(format!("{file}.pem"));
         fs::write(&ca_pem, cert.pem()).unwrap();
         TestPki {
             dir: dir.to_owned(),
@@ -54,6 +59,19 @@ impl TestPki {
             "server",
             CertificateParams::new(vec![dns_name.to_owned()]).unwrap(),
         )
+    }
+
+    /// A serving certificate for DNS names and IP addresses (each SAN parsed as an IP if it is
+    /// one), written as `<file>.pem`.
+    pub fn serving(&self, file: &str, sans: &[String]) -> Pair {
+        self.write(file, CertificateParams::new(sans.to_vec()).unwrap())
+    }
+
+    /// A client certificate with common name `cn`, written as `<file>.pem`.
+    pub fn client(&self, file: &str, cn: &str) -> Pair {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        self.write(file, p)
     }
 
     /// An agent certificate naming `node`.

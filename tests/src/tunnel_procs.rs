@@ -1,5 +1,5 @@
 //! Starting the real `tunnel` binaries inside a [`World`], for end-to-end tests and benchmarks.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path};
 
 use crate::{LoggedProc, World, pki::TestPki};
 
@@ -8,6 +8,79 @@ pub const SERVER_NAME: &str = "tunnel.test";
 
 fn s(p: &std::path::Path) -> String {
     p.display().to_string()
+}
+
+/// Arguments of `tunnel server` (certificates from `pki`, server name [`SERVER_NAME`]).
+pub fn server_args(
+    pki: &TestPki,
+    ingress: SocketAddr,
+    agents_at: SocketAddr,
+    metrics_at: SocketAddr,
+    node_table: &Path,
+    pin_dir: &Path,
+) -> Vec<String> {
+    let (cert, key) = pki.server(SERVER_NAME);
+    [
+        "server",
+        "--ca",
+        &s(&pki.ca_pem),
+        "--cert",
+        &s(&cert),
+        "--key",
+        &s(&key),
+        "--agent-listen",
+        &agents_at.to_string(),
+        "--host-ingress",
+        &ingress.to_string(),
+        "--node-table",
+        &s(node_table),
+        "--pin-dir",
+        &s(pin_dir),
+        "--metrics-listen",
+        &metrics_at.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Arguments of `tunnel agent` for `node`, dialling `servers` (comma list), serving `ports`
+/// (comma list) by dialling `dial` (comma list), metrics on `metrics_at`.
+pub fn agent_args(
+    pki: &TestPki,
+    node: &str,
+    servers: &str,
+    ports: &str,
+    dial: &str,
+    metrics_at: &str,
+) -> Vec<String> {
+    let (cert, key) = pki.agent(node);
+    [
+        "agent",
+        "--node-id",
+        node,
+        "--servers",
+        servers,
+        "--server-name",
+        SERVER_NAME,
+        "--ca",
+        &s(&pki.ca_pem),
+        "--cert",
+        &s(&cert),
+        "--key",
+        &s(&key),
+        "--ports",
+        ports,
+        "--dial",
+        dial,
+        "--metrics-listen",
+        metrics_at,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// `tunnel server` in the master namespace, reading original destinations from the world's
@@ -19,32 +92,15 @@ pub fn server(
     agents_at: SocketAddr,
     metrics_at: SocketAddr,
 ) -> LoggedProc {
-    let (cert, key) = pki.server(SERVER_NAME);
-    let mut p = LoggedProc::spawn(
-        w,
-        "tunnel-server",
-        &w.master,
-        "tunnel",
-        &[
-            "server",
-            "--ca",
-            &s(&pki.ca_pem),
-            "--cert",
-            &s(&cert),
-            "--key",
-            &s(&key),
-            "--agent-listen",
-            &agents_at.to_string(),
-            "--host-ingress",
-            &ingress.to_string(),
-            "--node-table",
-            &s(&w.node_table),
-            "--pin-dir",
-            &s(&w.pin_dir),
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
+    let args = server_args(
+        pki,
+        ingress,
+        agents_at,
+        metrics_at,
+        &w.node_table,
+        &w.pin_dir,
     );
+    let mut p = LoggedProc::spawn(w, "tunnel-server", &w.master, "tunnel", &strs(&args));
     p.wait_log(&["tunnel server ready"]);
     p
 }
@@ -60,35 +116,16 @@ pub fn agent(
     ports: &str,
     dial: &str,
 ) -> LoggedProc {
-    let (cert, key) = pki.agent(node);
-    let p = LoggedProc::spawn(
-        w,
+    // Several agents may share the edge namespace: no fixed metrics port.
+    let args = agent_args(
+        pki,
         node,
-        &w.edge,
-        "tunnel",
-        &[
-            "agent",
-            "--node-id",
-            node,
-            "--servers",
-            &agents_at.to_string(),
-            "--server-name",
-            SERVER_NAME,
-            "--ca",
-            &s(&pki.ca_pem),
-            "--cert",
-            &s(&cert),
-            "--key",
-            &s(&key),
-            "--ports",
-            ports,
-            "--dial",
-            dial,
-            // Several agents may share the edge namespace: no fixed metrics port.
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
+        &agents_at.to_string(),
+        ports,
+        dial,
+        "127.0.0.1:0",
     );
+    let p = LoggedProc::spawn(w, node, &w.edge, "tunnel", &strs(&args));
     server.wait_log(&["agent session up", &format!("node={node}")]);
     p
 }

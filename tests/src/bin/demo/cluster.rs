@@ -1,0 +1,230 @@
+//! Starts the demo's processes with the real binaries and waits until each is ready:
+//! on every edge a kubelet stand-in, node-exporter and the tunnel agent; on the master the
+//! redirector, the tunnel server and Prometheus.
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use redirector_tests::{LoggedProc, spawn::workspace_bin, tunnel_procs};
+
+use crate::{tools::Tools, world::DemoWorld};
+
+pub const INGRESS: &str = "127.0.0.1:10266";
+pub const AGENT_PORT: u16 = 10262;
+pub const SERVER_METRICS: &str = "127.0.0.1:10263";
+pub const REDIRECTOR_METRICS: &str = "127.0.0.1:10269";
+pub const PROMETHEUS: &str = "127.0.0.1:9090";
+/// Kubelet ports plus node-exporter's, which the demo adds to the redirected ports.
+pub const PORTS: &str = "10250,10255,10350,9100";
+
+/// Fields drop in order: master side first, so no agent sees its server vanish mid-teardown
+/// while clients still run. Most are only held for their Drop (which stops the process).
+#[allow(dead_code)]
+pub struct Cluster {
+    pub prometheus: LoggedProc,
+    pub server: LoggedProc,
+    pub redirector: LoggedProc,
+    pub agents: Vec<LoggedProc>,
+    pub edge_services: Vec<LoggedProc>,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits for `ready()` or the process's exit, whichever comes first, up to 30 s.
+fn wait_until(p: &mut LoggedProc, what: &str, mut ready: impl FnMut(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = p.log();
+        if ready(&log) {
+            return;
+        }
+        if let Ok(Some(st)) = p.child.try_wait() {
+            panic!("{what} exited ({st}) before it was ready:\n{log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready in 30 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
+    let mut edge_services = Vec::new();
+    for (edge, (cert, key)) in w.edges.iter().zip(&w.pki.kubelets) {
+        let name = edge.spec.name;
+        let cmd = w.on_edge(
+            edge,
+            &workspace_bin("kubelet-standin"),
+            &[
+                "--node",
+                name,
+                "--listen",
+                "0.0.0.0:10250",
+                "--ca",
+                &s(&w.pki.kubelet_ca),
+                "--cert",
+                &s(cert),
+                "--key",
+                &s(key),
+            ],
+        );
+        let mut kubelet = LoggedProc::start(&w.dir, &format!("kubelet-{name}"), cmd);
+        wait_until(&mut kubelet, "kubelet stand-in", |l| {
+            l.contains("kubelet stand-in for")
+        });
+        // Bound to the node's localhost only: reachable through the agent's `--dial` list.
+        let cmd = w.on_edge(
+            edge,
+            &tools.node_exporter,
+            &[
+                "--web.listen-address=127.0.0.1:9100",
+                "--collector.disable-defaults",
+                "--collector.loadavg",
+                "--collector.meminfo",
+                "--collector.netdev",
+            ],
+        );
+        let mut exporter = LoggedProc::start(&w.dir, &format!("node-exporter-{name}"), cmd);
+        wait_until(&mut exporter, "node-exporter", |l| {
+            l.contains("Listening on")
+        });
+        edge_services.extend([kubelet, exporter]);
+    }
+
+    let ready_file = w.dir.join("redirector.ready");
+    let cmd = w.master_plain(
+        &s(&workspace_bin("redirector")),
+        &[
+            "--pin-dir",
+            &s(&w.pin_dir),
+            "run",
+            "--cgroup",
+            &s(&w.cgroup.path),
+            "--node-table",
+            &s(&w.node_table),
+            "--ports",
+            PORTS,
+            "--host-ingress",
+            INGRESS,
+            "--hosts-file",
+            &s(&w.hosts),
+            "--metrics-listen",
+            REDIRECTOR_METRICS,
+            "--ready-file",
+            &s(&ready_file),
+            "--reload-interval",
+            "0.5",
+        ],
+    );
+    let mut redirector = LoggedProc::start(&w.dir, "redirector", cmd);
+    wait_until(&mut redirector, "redirector", |_| ready_file.exists());
+
+    let args = tunnel_procs::server_args(
+        &w.pki.tunnel,
+        INGRESS.parse().unwrap(),
+        ([0, 0, 0, 0], AGENT_PORT).into(),
+        SERVER_METRICS.parse().unwrap(),
+        &w.node_table,
+        &w.pin_dir,
+    );
+    let cmd = w.master_plain(&s(&workspace_bin("tunnel")), &strs(&args));
+    let mut server = LoggedProc::start(&w.dir, "tunnel-server", cmd);
+    wait_until(&mut server, "tunnel server", |l| {
+        l.contains("tunnel server ready")
+    });
+
+    let mut agents = Vec::new();
+    for edge in &w.edges {
+        let name = edge.spec.name;
+        let args = tunnel_procs::agent_args(
+            &w.pki.tunnel,
+            name,
+            &format!("{}:{AGENT_PORT}", edge.gateway),
+            PORTS,
+            // The node's own address first, then its localhost (node-exporter listens there).
+            &format!("{},127.0.0.1", edge.spec.internal_ip),
+            "127.0.0.1:10264",
+        );
+        let cmd = w.on_edge(edge, &workspace_bin("tunnel"), &strs(&args));
+        agents.push(LoggedProc::start(&w.dir, &format!("agent-{name}"), cmd));
+        wait_until(&mut server, "tunnel server", |l| {
+            l.lines()
+                .any(|l| l.contains("agent session up") && l.contains(&format!("node={name}")))
+        });
+    }
+
+    let prometheus = start_prometheus(w, tools);
+    Cluster {
+        prometheus,
+        server,
+        redirector,
+        agents,
+        edge_services,
+    }
+}
+
+/// Prometheus as a client on the master (in the cgroup, names from the managed hosts file),
+/// scraping every edge's node-exporter by node name.
+fn start_prometheus(w: &DemoWorld, tools: &Tools) -> LoggedProc {
+    let mut targets = String::new();
+    for e in &w.edges {
+        targets.push_str(&format!(
+            "      - targets: ['{n}:9100']\n        labels: {{node: {n}}}\n",
+            n = e.spec.name
+        ));
+    }
+    // The scrape timeout must not exceed the interval.
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: edge-node-exporter\n    static_configs:\n{targets}"
+    );
+    let config_file = w.dir.join("prometheus.yml");
+    std::fs::write(&config_file, config).expect("prometheus config");
+    let cmd = w.master_client(
+        &tools.prometheus,
+        &[
+            &format!("--config.file={}", s(&config_file)),
+            &format!("--storage.tsdb.path={}", s(&w.dir.join("prometheus-data"))),
+            &format!("--web.listen-address={PROMETHEUS}"),
+        ],
+    );
+    let mut p = LoggedProc::start(&w.dir, "prometheus", cmd);
+    wait_until(&mut p, "prometheus", |l| {
+        l.contains("Server is ready to receive web requests")
+    });
+    p
+}
+
+/// `curl` from the master namespace, outside the cgroup (for the local HTTP endpoints).
+pub fn local_get(w: &DemoWorld, tools: &Tools, url: &str) -> String {
+    let out = w
+        .master_plain(&s(&tools.curl), &["-sS", "--max-time", "5", url])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The kubelet client flags: the kubelet CA and the API server's client certificate.
+pub fn kubelet_curl_args(w: &DemoWorld) -> Vec<String> {
+    vec![
+        "--cacert".into(),
+        s(&w.pki.kubelet_ca),
+        "--cert".into(),
+        s(&w.pki.client.0),
+        "--key".into(),
+        s(&w.pki.client.1),
+    ]
+}
+
+/// Shorthand for a master client command running `program`.
+pub fn client(w: &DemoWorld, program: &Path, args: &[String]) -> Command {
+    w.master_client(program, &strs(args))
+}
