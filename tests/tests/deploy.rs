@@ -1,0 +1,233 @@
+//! deploy/: every manifest validates against the Kubernetes schemas (`kubernetes-validate`
+//! from PyPI, installed by scripts/setup.sh), the kustomization lists every manifest, every
+//! flag and environment variable the manifests give the binaries exists, and every example
+//! config parses as the binaries parse it.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use redirector::node_table::NodeTable;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn venv() -> PathBuf {
+    PathBuf::from(
+        std::env::var("VALIDATE_VENV").unwrap_or_else(|_| "/opt/edge-redirector-dev/venv".into()),
+    )
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 6, "manifests: {v:?}");
+    v
+}
+
+/// Every YAML document of `files`, as JSON (PyYAML from the validator's venv).
+fn documents(files: &[PathBuf]) -> Vec<serde_json::Value> {
+    let python = venv().join("bin/python");
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import json, sys, yaml\nfor f in sys.argv[1:]:\n    for d in yaml.safe_load_all(open(f)):\n        print(json.dumps(d))",
+        ])
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", python.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let files = manifests();
+    let validator = venv().join("bin/kubernetes-validate");
+    let out = Command::new(&validator)
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", validator.display()));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert_eq!(passed, documents(&files).len(), "{report}");
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let k = &documents(&[deploy_dir().join("kustomization.yaml")])[0];
+    let listed: BTreeSet<String> = k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let present: BTreeSet<String> = manifests()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, present);
+}
+
+fn help(bin: &str, sub: &str) -> String {
+    let out = Command::new(redirector_tests::spawn::workspace_bin(bin))
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn every_flag_and_variable_the_manifests_set_exists() {
+    let docs = documents(&manifests());
+    let mut checked = 0;
+    for d in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
+        for c in d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let bin = c["command"][0].as_str().unwrap();
+            let args: Vec<&str> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let text = help(bin, args[0]);
+            assert!(!text.is_empty(), "{bin} {} --help", args[0]);
+            for flag in &args[1..] {
+                let name = flag.split('=').next().unwrap();
+                assert!(
+                    text.contains(&format!("{name} <")),
+                    "{bin} {}: no flag {name}",
+                    args[0]
+                );
+                checked += 1;
+            }
+            for e in c["env"].as_array().into_iter().flatten() {
+                let name = e["name"].as_str().unwrap();
+                if name.starts_with("REDIRECTOR_") || name.starts_with("TUNNEL_") {
+                    assert!(
+                        text.contains(&format!("[env: {name}=")),
+                        "{bin} {}: no variable {name}",
+                        args[0]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} flags and variables checked");
+}
+
+#[test]
+fn every_example_config_parses() {
+    let docs = documents(&manifests());
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("ConfigMap");
+    let mut tables = vec![(
+        PathBuf::from("deploy/configmap.yaml nodes.txt"),
+        cm["data"]["nodes.txt"].as_str().unwrap().to_owned(),
+    )];
+    for e in std::fs::read_dir(deploy_dir().join("examples")).unwrap() {
+        let p = e.unwrap().path();
+        tables.push((p.clone(), std::fs::read_to_string(&p).unwrap()));
+    }
+    for (name, text) in &tables {
+        let t = NodeTable::parse(text, name).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!t.nodes.is_empty(), "{}", name.display());
+        assert_eq!(
+            t.tunnel.len(),
+            t.nodes.len(),
+            "{}: every node has a tunnel address",
+            name.display()
+        );
+    }
+    for key in ["REDIRECTOR_PORTS", "TUNNEL_PORTS"] {
+        let ports: Vec<u16> = cm["data"][key]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .map(|p| p.parse().unwrap_or_else(|e| panic!("{key}: {p:?}: {e}")))
+            .collect();
+        assert!(ports.contains(&10250) && !ports.contains(&0), "{key}");
+    }
+    assert_eq!(
+        cm["data"]["REDIRECTOR_PORTS"], cm["data"]["TUNNEL_PORTS"],
+        "the agents serve what the masters redirect"
+    );
+}
+
+/// deploy/make-certs.sh makes certificates the tunnel accepts: a real mutual-TLS handshake with
+/// the tunnel's own configs, and the server reads the node ID from the agent's certificate.
+#[test]
+fn make_certs_script_issues_certificates_the_tunnel_accepts() {
+    use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
+    let dir = std::env::temp_dir().join(format!("make-certs-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new("bash")
+        .arg(deploy_dir().join("make-certs.sh"))
+        .arg(&dir)
+        .args(["tunnel.edge.example.com", "edge-shop-17"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = |c: &str, k: &str| {
+        tunnel::tls::PemFiles::load(&dir.join("ca.crt"), &dir.join(c), &dir.join(k)).unwrap()
+    };
+    let s = pem("server.crt", "server.key");
+    let a = pem("agent-edge-shop-17.crt", "agent-edge-shop-17.key");
+    let node = tunnel::identity::node_id_from_cert(&a.chain[0]).unwrap();
+    assert_eq!(node, "edge-shop-17");
+    let server_cfg = tunnel::tls::server_config(&s.ca, s.chain, s.key).unwrap();
+    let agent_cfg = tunnel::tls::agent_config(&a.ca, a.chain, a.key).unwrap();
+    let (mut st, mut at) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut conn = ServerConnection::new(server_cfg).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut st).unwrap();
+        }
+        let peer = conn.peer_certificates().unwrap()[0].clone();
+        tunnel::identity::node_id_from_cert(&peer).unwrap()
+    });
+    let name = ServerName::try_from("tunnel.edge.example.com").unwrap();
+    let mut conn = ClientConnection::new(agent_cfg, name).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut at).unwrap();
+    }
+    // The client finishes first in TLS 1.3; flush its last flight to the server.
+    while conn.wants_write() {
+        conn.write_tls(&mut at).unwrap();
+    }
+    assert_eq!(server.join().unwrap(), "edge-shop-17");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
