@@ -10,6 +10,7 @@
 //! - [`maps`]: typed access to the pinned maps (nodes, ports, config, counters).
 //! - [`node_table`]: the static node table file (node ID -> addresses, tunnel address).
 //! - [`hosts`]: the managed hosts-file block (node name -> tunnel address).
+//! - [`nodes`]: Kubernetes Nodes (or a file) -> node table with tunnel addresses from a pool.
 //! - [`origdst`]: original-destination lookup for the ingress.
 //! - [`run`]: the long-running `redirector run` loop; [`status`], [`uninstall`] for the CLI.
 //! - [`cgroup`], [`bpffs`], [`sys`]: the host facts and raw syscalls underneath.
@@ -22,6 +23,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod node_table;
+pub mod nodes;
 pub mod origdst;
 pub mod run;
 pub mod status;

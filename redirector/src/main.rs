@@ -53,6 +53,59 @@ enum Command {
     },
     /// Detach every program and remove every link and pin.
     Uninstall,
+    /// Keep a node table file in step with the edge nodes (Kubernetes Nodes, or a file), each
+    /// with a unique tunnel address from a pool; `run` and `tunnel server` follow that file.
+    SyncNodes(Box<SyncArgs>),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["nodes", "kube"])))]
+struct SyncArgs {
+    /// Tunnel address pool (CIDR); every edge node gets a unique address from it.
+    #[arg(long, env = "REDIRECTOR_POOL")]
+    pool: String,
+    /// Node table written for `redirector run` and `tunnel server` (their --node-table).
+    #[arg(long, env = "REDIRECTOR_SYNC_OUT")]
+    out: PathBuf,
+    /// Embedded mode: a node table file without tunnel= addresses.
+    #[arg(long, env = "REDIRECTOR_SYNC_NODES", requires = "state")]
+    nodes: Option<PathBuf>,
+    /// Embedded mode: the allocation state file (written under a lock beside it).
+    #[arg(long, env = "REDIRECTOR_POOL_STATE")]
+    state: Option<PathBuf>,
+    /// Cluster mode: watch Nodes through the Kubernetes API (in-cluster or KUBECONFIG).
+    #[arg(long, env = "REDIRECTOR_KUBE")]
+    kube: bool,
+    /// Label selector of edge Nodes; other nodes are never redirected.
+    #[arg(
+        long,
+        env = "REDIRECTOR_NODE_SELECTOR",
+        default_value = "node-role.kubernetes.io/edge"
+    )]
+    selector: String,
+    /// Namespace of the ConfigMaps below.
+    #[arg(long, env = "REDIRECTOR_NAMESPACE", default_value = "edge-redirector")]
+    namespace: String,
+    /// ConfigMap holding the tunnel address allocations (compare-and-swap by resourceVersion).
+    #[arg(
+        long,
+        env = "REDIRECTOR_ALLOCATIONS_CONFIGMAP",
+        default_value = "edge-redirector-tunnel-addresses"
+    )]
+    allocations_configmap: String,
+    /// ConfigMap to keep a CoreDNS `hosts` file in (node name -> tunnel address, for pods).
+    #[arg(long, env = "REDIRECTOR_COREDNS_CONFIGMAP")]
+    coredns_configmap: Option<String>,
+    /// Seconds a node must be missing before its tunnel address is released.
+    #[arg(long, env = "REDIRECTOR_RELEASE_AFTER", default_value_t = 300.0)]
+    release_after: f64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `off` disables them.
+    #[arg(
+        long,
+        env = "REDIRECTOR_SYNC_METRICS_LISTEN",
+        default_value = "127.0.0.1:10270"
+    )]
+    metrics_listen: String,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +222,7 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
             println!("{}", ports.join(","));
             Ok(())
         }
+        Command::SyncNodes(args) => sync_cmd(*args),
         Command::Uninstall => {
             let r = uninstall::uninstall(&cli.pin_dir)?;
             println!(
@@ -182,36 +236,31 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
     }
 }
 
-fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
-    if !(args.reload_interval > 0.0 && args.reload_interval.is_finite()) {
-        return Err(redirector::Error::Config(
-            "--reload-interval must be a positive number of seconds".into(),
-        ));
+fn parse_listen(flag: &str, a: &str) -> redirector::Result<Option<SocketAddr>> {
+    match a {
+        "off" => Ok(None),
+        a => a.parse().map(Some).map_err(|_| {
+            redirector::Error::Config(format!("{flag} {a:?}: expected host:port or off"))
+        }),
     }
-    let cfg = RunConfig {
-        install: InstallOptions {
-            cgroup: cgroup::attach_point(args.cgroup.as_deref())?,
-            pin_dir,
-            max_node_addresses: args.max_node_addresses,
-        },
-        node_table: args.node_table,
-        ports: args.ports.into_iter().collect::<BTreeSet<_>>(),
-        host_ingress4: Some(args.host_ingress),
-        pod_ingress4: args.pod_ingress,
-        host_ingress6: args.host_ingress6,
-        pod_ingress6: args.pod_ingress6,
-        reload_interval: Duration::from_secs_f64(args.reload_interval),
-        ready_file: args.ready_file,
-        hosts_file: args.hosts_file,
-        metrics_listen: match args.metrics_listen.as_str() {
-            "off" => None,
-            a => Some(a.parse().map_err(|_| {
-                redirector::Error::Config(format!(
-                    "--metrics-listen {a:?}: expected host:port or off"
-                ))
-            })?),
-        },
-    };
+}
+
+fn seconds(flag: &str, v: f64) -> redirector::Result<Duration> {
+    if v > 0.0 && v.is_finite() {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(redirector::Error::Config(format!(
+            "{flag} must be a positive number of seconds"
+        )))
+    }
+}
+
+/// Runs `f` on a single-threaded runtime until it ends or SIGTERM/SIGINT cancels its token.
+fn block_on_until_signal<F, Fut, T>(f: F) -> redirector::Result<T>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = redirector::Result<T>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -229,6 +278,55 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
             }
             token.cancel();
         });
-        run(cfg, shutdown).await
+        f(shutdown).await
     })
+}
+
+fn sync_cmd(args: SyncArgs) -> redirector::Result<()> {
+    use redirector::nodes::{pool::Pool, sync};
+    let cfg = sync::SyncConfig {
+        pool: Pool::parse(&args.pool).map_err(redirector::Error::Config)?,
+        out: args.out,
+        release_after: seconds("--release-after", args.release_after)?,
+        resync: Duration::from_secs(30),
+    };
+    let source = match (args.nodes, args.state) {
+        (Some(nodes), Some(state)) => sync::Source::File { nodes, state },
+        _ => sync::Source::Kube(sync::KubeSync {
+            selector: args.selector,
+            namespace: args.namespace,
+            allocations: args.allocations_configmap,
+            coredns: args.coredns_configmap,
+            instance: std::env::var("POD_NAME")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok()),
+        }),
+    };
+    let listen = parse_listen("--metrics-listen", &args.metrics_listen)?;
+    block_on_until_signal(|shutdown| async move {
+        sync::serve(source, cfg, listen, shutdown)
+            .await
+            .map_err(redirector::Error::Config)
+    })
+}
+
+fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
+    let cfg = RunConfig {
+        install: InstallOptions {
+            cgroup: cgroup::attach_point(args.cgroup.as_deref())?,
+            pin_dir,
+            max_node_addresses: args.max_node_addresses,
+        },
+        node_table: args.node_table,
+        ports: args.ports.into_iter().collect::<BTreeSet<_>>(),
+        host_ingress4: Some(args.host_ingress),
+        pod_ingress4: args.pod_ingress,
+        host_ingress6: args.host_ingress6,
+        pod_ingress6: args.pod_ingress6,
+        reload_interval: seconds("--reload-interval", args.reload_interval)?,
+        ready_file: args.ready_file,
+        hosts_file: args.hosts_file,
+        metrics_listen: parse_listen("--metrics-listen", &args.metrics_listen)?,
+    };
+    block_on_until_signal(|shutdown| run(cfg, shutdown))
 }

@@ -124,6 +124,25 @@ impl NodeTable {
         Ok(Self { nodes, tunnel })
     }
 
+    /// The table in the file format [`NodeTable::parse`] reads (nodes sorted by name).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(self.nodes.len() * 48);
+        for (id, addrs) in &self.nodes {
+            out.push_str(id);
+            let tunnel = self.tunnel.get(id);
+            for a in addrs.iter().filter(|a| Some(*a) != tunnel) {
+                out.push(' ');
+                out.push_str(&a.to_string());
+            }
+            if let Some(t) = tunnel {
+                out.push_str(" tunnel=");
+                out.push_str(&t.to_string());
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     /// Every address with the nodes that list it (more than one = ambiguous).
     pub fn owners(&self) -> BTreeMap<IpAddr, BTreeSet<&str>> {
         let mut owners: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
@@ -173,7 +192,9 @@ pub fn words_to_bytes(w: &Ip6Words) -> [u8; 16] {
     b
 }
 
-fn parse_address(s: &str) -> Result<IpAddr, String> {
+/// An address as a node address: parsed, canonical (IPv4-mapped to IPv4), and not one that
+/// would capture this host's own traffic.
+pub fn parse_address(s: &str) -> Result<IpAddr, String> {
     let ip: IpAddr = s
         .parse()
         .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address"))?;
@@ -266,6 +287,16 @@ mod tests {
         assert_eq!(
             k.v4[&u32::from_ne_bytes([192, 0, 2, 10])].flags,
             node_flags::AMBIGUOUS
+        );
+    }
+
+    #[test]
+    fn render_parses_back_to_the_same_table() {
+        let t = parse("edge-b 192.0.2.10 tunnel=198.51.100.11\nedge-a 192.0.2.10 2001:db8::1 tunnel=198.51.100.10\nedge-c 192.0.2.30\n").unwrap();
+        assert_eq!(parse(&t.render()).unwrap(), t);
+        assert!(
+            t.render()
+                .starts_with("edge-a 192.0.2.10 2001:db8::1 tunnel=198.51.100.10\n")
         );
     }
 

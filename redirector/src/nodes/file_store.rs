@@ -1,0 +1,170 @@
+//! Embedded mode's allocation store: a local file, written whole (temporary file + rename),
+//! with a generation number as its version, and compared and swapped under an exclusive
+//! `flock` on a lock file beside it, so allocators in several processes stay consistent.
+use std::{
+    fs::{File, OpenOptions},
+    io::ErrorKind,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    pool::Allocations,
+    store::{AllocationStore, Saved, parse, render},
+};
+
+pub struct FileStore {
+    path: PathBuf,
+}
+
+const GENERATION: &str = "# generation ";
+
+impl FileStore {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// An exclusive lock held until the returned file is dropped.
+    fn lock(&self) -> Result<File, String> {
+        let lock_path = self.path.with_extension("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("opening lock file {}: {e}", lock_path.display()))?;
+        // SAFETY: flock on an fd we own; blocks until the lock is ours.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!(
+                "locking {}: {}",
+                lock_path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(f)
+    }
+
+    fn read(&self) -> Result<(Allocations, String), String> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Ok((Allocations::new(), String::new()));
+            }
+            Err(e) => return Err(format!("reading {}: {e}", self.path.display())),
+        };
+        let generation = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix(GENERATION))
+            .unwrap_or("0")
+            .to_owned();
+        Ok((parse(&text, &self.path.display().to_string())?, generation))
+    }
+}
+
+impl AllocationStore for FileStore {
+    async fn load(&self) -> Result<(Allocations, String), String> {
+        let _lock = self.lock()?;
+        self.read()
+    }
+
+    async fn save(&self, allocations: &Allocations, version: &str) -> Result<Saved, String> {
+        let _lock = self.lock()?;
+        let (_, current) = self.read()?;
+        if current != version {
+            return Ok(Saved::Conflict);
+        }
+        let next = current.parse::<u64>().unwrap_or(0) + 1;
+        let text = format!(
+            "{GENERATION}{next}\n# tunnel addresses: <node-name> <address>; managed by `redirector sync-nodes`\n{}",
+            render(allocations)
+        );
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        Ok(Saved::Yes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, net::IpAddr};
+
+    use super::*;
+    use crate::nodes::{pool::Pool, store::allocate};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("file-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn stale_version_is_a_conflict_and_allocations_persist() {
+        let d = dir("cas");
+        let s = FileStore::new(&d.join("alloc"));
+        let (a, v) = s.load().await.unwrap();
+        assert!(a.is_empty());
+        let mut one = Allocations::new();
+        one.insert("a".into(), IpAddr::from([100, 64, 0, 1]));
+        assert_eq!(s.save(&one, &v).await.unwrap(), Saved::Yes);
+        assert_eq!(s.save(&one, &v).await.unwrap(), Saved::Conflict);
+        // A new store on the same file (a restart) sees the same allocations.
+        let (back, v2) = FileStore::new(&d.join("alloc")).load().await.unwrap();
+        assert_eq!(back, one);
+        assert_eq!(v2, "1");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Two allocators (separate threads, separate stores on one file, as two replicas) add
+    /// 1,000 nodes each in batches, interleaved: no address is handed out twice, and each
+    /// node keeps the address it got first.
+    #[test]
+    fn two_allocators_racing_for_1000_nodes_never_share_an_address() {
+        let d = dir("race");
+        let path = d.join("alloc");
+        let pool = Pool::parse("100.64.0.0/20").unwrap();
+        let run = |prefix: &'static str| {
+            let (path, pool) = (path.clone(), pool.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let store = FileStore::new(&path);
+                let mut seen = std::collections::BTreeMap::new();
+                for batch in 0..20 {
+                    // This replica's view: its nodes so far; the other's nodes are not in its
+                    // view yet, so it holds them (as within the release grace period).
+                    let wanted: BTreeSet<String> = (0..(batch + 1) * 50)
+                        .map(|i| format!("{prefix}-{i}"))
+                        .collect();
+                    let hold = |n: &str| !n.starts_with(prefix);
+                    let p = rt
+                        .block_on(allocate(&store, &pool, &wanted, &hold))
+                        .unwrap();
+                    for (n, ip) in &p.allocations {
+                        if n.starts_with(prefix) {
+                            assert_eq!(*seen.entry(n.clone()).or_insert(*ip), *ip, "{n} moved");
+                        }
+                    }
+                }
+            })
+        };
+        let (x, y) = (run("left"), run("right"));
+        x.join().unwrap();
+        y.join().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (a, _) = rt.block_on(FileStore::new(&path).load()).unwrap();
+        assert_eq!(a.len(), 2000);
+        let distinct: BTreeSet<_> = a.values().collect();
+        assert_eq!(distinct.len(), 2000, "an address was handed out twice");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,99 @@
+//! Where tunnel address allocations persist, and the compare-and-swap loop that lets several
+//! allocators (redirector replicas on every master) share one pool without handing out an
+//! address twice: read the allocations with their version, plan, write only if the version is
+//! unchanged, and on a conflict read again and replan.
+use std::{collections::BTreeSet, time::Duration};
+
+use rand::Rng;
+
+use super::pool::{Allocations, Plan, Pool, plan};
+pub use super::{file_store::FileStore, kube_store::KubeStore};
+
+/// The outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Yes,
+    /// Someone else wrote since our read: read again.
+    Conflict,
+}
+
+/// Persisted allocations with an opaque version for compare-and-swap.
+pub trait AllocationStore {
+    /// The allocations and their version ("" when none were ever stored).
+    fn load(&self) -> impl Future<Output = Result<(Allocations, String), String>> + Send;
+    /// Writes `allocations` if the stored version is still `version`.
+    fn save(
+        &self,
+        allocations: &Allocations,
+        version: &str,
+    ) -> impl Future<Output = Result<Saved, String>> + Send;
+}
+
+/// How many conflicts in a row before giving up (each retry rereads; with a handful of
+/// replicas a conflict streak this long means something else is rewriting the object).
+const MAX_ATTEMPTS: u32 = 32;
+
+/// Reconciles the stored allocations with `wanted` and persists the result.
+/// `hold`: see [`plan`].
+pub async fn allocate<S: AllocationStore>(
+    store: &S,
+    pool: &Pool,
+    wanted: &BTreeSet<String>,
+    hold: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Plan, String> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let (current, version) = store.load().await?;
+        let p = plan(&current, wanted, hold, pool);
+        if p.allocations == current {
+            return Ok(p);
+        }
+        match store.save(&p.allocations, &version).await? {
+            Saved::Yes => return Ok(p),
+            Saved::Conflict => {
+                tracing::debug!(attempt, "tunnel address allocation conflict; rereading");
+                // Jitter: racing replicas do not retry in lockstep.
+                let ms = rand::rng().random_range(1..=(5 * attempt.min(10)) as u64);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+    }
+    Err(format!(
+        "tunnel address allocation gave up after {MAX_ATTEMPTS} conflicting writes in a row; another writer keeps changing the allocation store"
+    ))
+}
+
+/// The allocations as text, one `name address` per line (the file store's and the
+/// ConfigMap's format).
+pub fn render(a: &Allocations) -> String {
+    let mut out = String::with_capacity(a.len() * 32);
+    for (name, ip) in a {
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(&ip.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// The inverse of [`render`]; `what` names the source in errors.
+pub fn parse(text: &str, what: &str) -> Result<Allocations, String> {
+    let mut a = Allocations::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        let (Some(name), Some(ip), None) = (f.next(), f.next(), f.next()) else {
+            return Err(format!(
+                "{what}:{}: expected `<node-name> <address>`, got {line:?}",
+                i + 1
+            ));
+        };
+        let ip = ip
+            .parse()
+            .map_err(|_| format!("{what}:{}: {ip:?} is not an address", i + 1))?;
+        a.insert(name.to_owned(), ip);
+    }
+    Ok(a)
+}

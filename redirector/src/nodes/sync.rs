@@ -1,0 +1,500 @@
+//! `redirector sync-nodes`: keeps the node table file (which `redirector run` and
+//! `tunnel server` follow) in step with the edge nodes, giving each a tunnel address from the
+//! pool. Two sources, one reconciliation:
+//!
+//! - cluster mode: a kube-rs watcher and reflector on Nodes chosen by a label selector;
+//!   allocations in a ConfigMap; Events on Nodes; optionally a CoreDNS hosts ConfigMap;
+//! - embedded mode: a node table file without tunnel addresses; allocations in a local file
+//!   under a lock.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    events::{NodeEvents, reason},
+    model::{self, EdgeNode},
+    pool::{Plan, Pool},
+    store::{AllocationStore, FileStore, KubeStore, allocate},
+};
+use crate::node_table::NodeTable;
+
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub pool: Pool,
+    /// The node table written for the redirector and the tunnel server.
+    pub out: PathBuf,
+    /// How long a node must be missing from this replica's view before its address is
+    /// released (a node another replica has seen and this one not yet must keep its address).
+    pub release_after: Duration,
+    /// Full reconciliation at least this often (releases fall due without any Node event).
+    pub resync: Duration,
+}
+
+/// The sync loop's metrics.
+#[derive(Default, Clone)]
+pub struct SyncMetrics {
+    pub nodes: Gauge,
+    pub pool_size: Gauge,
+    pub pool_allocated: Gauge,
+    pub pool_exhausted_nodes: Gauge,
+    pub ambiguous_addresses: Gauge,
+    pub node_problems: Gauge,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+}
+
+impl SyncMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("redirector_sync");
+        r.register("nodes", "Edge nodes in the node table", self.nodes.clone());
+        r.register(
+            "pool_size",
+            "Usable tunnel addresses in the pool",
+            self.pool_size.clone(),
+        );
+        r.register(
+            "pool_allocated",
+            "Tunnel addresses allocated",
+            self.pool_allocated.clone(),
+        );
+        r.register(
+            "pool_exhausted_nodes",
+            "Nodes left without a tunnel address because the pool is full",
+            self.pool_exhausted_nodes.clone(),
+        );
+        r.register(
+            "ambiguous_addresses",
+            "Addresses listed by more than one node (refused by the tunnel)",
+            self.ambiguous_addresses.clone(),
+        );
+        r.register(
+            "node_problems",
+            "Unusable node addresses reported",
+            self.node_problems.clone(),
+        );
+        r.register(
+            "reconciles",
+            "Reconciliations done",
+            self.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconciliations failed (the previous node table stays)",
+            self.reconcile_errors.clone(),
+        );
+    }
+}
+
+/// What one reconciliation produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub table: NodeTable,
+    pub plan: Plan,
+    pub ambiguous: BTreeMap<IpAddr, Vec<String>>,
+    pub problems: Vec<(String, String)>,
+    /// Whether the node table file changed.
+    pub written: bool,
+}
+
+/// Since when each allocated node has been missing from this replica's view.
+#[derive(Debug, Default)]
+pub struct Missing(BTreeMap<String, Instant>);
+
+/// Nodes -> allocations (persisted through `store`) -> node table file.
+pub async fn reconcile<S: AllocationStore>(
+    nodes: &[EdgeNode],
+    store: &S,
+    cfg: &SyncConfig,
+    missing: &mut Missing,
+    metrics: &SyncMetrics,
+) -> Result<Outcome, String> {
+    let wanted = model::names(nodes);
+    let (current, _) = store.load().await?;
+    let now = Instant::now();
+    missing
+        .0
+        .retain(|n, _| current.contains_key(n) && !wanted.contains(n));
+    for n in current.keys().filter(|n| !wanted.contains(*n)) {
+        missing.0.entry(n.clone()).or_insert(now);
+    }
+    let held: BTreeSet<String> = missing
+        .0
+        .iter()
+        .filter(|(_, since)| now.duration_since(**since) < cfg.release_after)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let plan = allocate(store, &cfg.pool, &wanted, &|n| held.contains(n)).await?;
+    for (n, ip) in &plan.released {
+        tracing::info!(node = %n, %ip, "node gone: tunnel address released");
+    }
+    for (n, ip) in &plan.outside {
+        tracing::warn!(node = %n, %ip, pool = %cfg.pool, "stored tunnel address is outside the pool (the pool changed?): reassigned");
+    }
+    // Exhaustion, ambiguity and address problems are logged (once each) by the caller.
+    let tunnel: BTreeMap<String, IpAddr> = plan
+        .allocations
+        .iter()
+        .filter(|(n, _)| wanted.contains(*n))
+        .map(|(n, ip)| (n.clone(), *ip))
+        .collect();
+    let table = model::table(nodes, &tunnel);
+    let ambiguous = model::ambiguous(&table);
+    let problems: Vec<(String, String)> = nodes
+        .iter()
+        .flat_map(|n| n.problems.iter().map(|p| (n.name.clone(), p.clone())))
+        .collect();
+    let written = write_if_changed(&cfg.out, &table.render())?;
+    if written {
+        tracing::info!(nodes = table.nodes.len(), tunnel = tunnel.len(), file = %cfg.out.display(), "node table written");
+    }
+    metrics.nodes.set(table.nodes.len() as i64);
+    metrics
+        .pool_size
+        .set(i64::try_from(cfg.pool.size()).unwrap_or(i64::MAX));
+    metrics.pool_allocated.set(plan.allocations.len() as i64);
+    metrics
+        .pool_exhausted_nodes
+        .set(plan.exhausted.len() as i64);
+    metrics.ambiguous_addresses.set(ambiguous.len() as i64);
+    metrics.node_problems.set(problems.len() as i64);
+    metrics.reconciles.inc();
+    Ok(Outcome {
+        table,
+        plan,
+        ambiguous,
+        problems,
+        written,
+    })
+}
+
+/// Atomic replace, only when the content differs (the followers reload on mtime).
+fn write_if_changed(path: &Path, text: &str) -> Result<bool, String> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("writing node table {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Logs each problem once per appearance (not at every reconciliation).
+#[derive(Default)]
+struct Reported(BTreeSet<String>);
+
+impl Reported {
+    /// Whether `key` is new; forgets keys not in `current`.
+    fn fresh(&mut self, key: &str) -> bool {
+        self.0.insert(key.to_owned())
+    }
+    fn keep_only(&mut self, current: &BTreeSet<String>) {
+        self.0.retain(|k| current.contains(k));
+    }
+}
+
+/// The notes of one outcome: (node, reason, note, dedupe key).
+fn notices(o: &Outcome, pool: &Pool) -> Vec<(String, &'static str, String, String)> {
+    let mut out = Vec::new();
+    for (ip, owners) in &o.ambiguous {
+        for n in owners {
+            out.push((
+                n.clone(),
+                reason::AMBIGUOUS_ADDRESS,
+                format!("address {ip} is listed by nodes {owners:?}: connections to it are refused, never routed to either; reach this node by name or tunnel address"),
+                format!("amb {ip} {n} {owners:?}"),
+            ));
+        }
+    }
+    for n in &o.plan.exhausted {
+        out.push((
+            n.clone(),
+            reason::POOL_EXHAUSTED,
+            format!("tunnel address pool {pool} ({} addresses) is exhausted: node {n} has no tunnel address and is not reachable by name; enlarge --pool", pool.size()),
+            format!("exh {n}"),
+        ));
+    }
+    for (n, p) in &o.problems {
+        out.push((
+            n.clone(),
+            reason::UNUSABLE_ADDRESS,
+            p.clone(),
+            format!("prob {p}"),
+        ));
+    }
+    out
+}
+
+/// Embedded mode: follows `nodes_file` (a node table without tunnel addresses), allocates from
+/// the pool into `state_file`, writes `cfg.out`. Runs until `shutdown`.
+pub async fn run_file(
+    nodes_file: PathBuf,
+    state_file: PathBuf,
+    cfg: SyncConfig,
+    metrics: SyncMetrics,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let store = FileStore::new(&state_file);
+    let mut missing = Missing::default();
+    let mut reported = Reported::default();
+    let mut last_mtime = None;
+    let mut last_full = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let mtime = NodeTable::modified(&nodes_file);
+        if mtime == last_mtime && last_full.elapsed() < cfg.resync && ready.load(Ordering::Relaxed)
+        {
+            continue;
+        }
+        last_mtime = mtime;
+        last_full = Instant::now();
+        let nodes = match file_nodes(&nodes_file) {
+            Ok(n) => n,
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                tracing::error!("{e}; keeping the previous node table");
+                continue;
+            }
+        };
+        match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
+            Ok(o) => {
+                let keys: BTreeSet<String> = notices(&o, &cfg.pool)
+                    .into_iter()
+                    .map(|(n, r, note, key)| {
+                        if reported.fresh(&key) {
+                            tracing::warn!(node = %n, reason = r, "{note}");
+                        }
+                        key
+                    })
+                    .collect();
+                reported.keep_only(&keys);
+                ready.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                tracing::error!("node sync failed, keeping the previous node table: {e}");
+            }
+        }
+    }
+}
+
+/// The nodes of an embedded-mode input file. `tunnel=` is refused: the pool assigns it.
+fn file_nodes(path: &Path) -> Result<Vec<EdgeNode>, String> {
+    let t = NodeTable::load(path).map_err(|e| e.to_string())?;
+    if let Some((n, _)) = t.tunnel.iter().next() {
+        return Err(format!(
+            "{}: node {n:?} has a tunnel= address, but with --pool the pool assigns them; remove tunnel= from the input",
+            path.display()
+        ));
+    }
+    Ok(t.nodes
+        .into_iter()
+        .map(|(name, addresses)| EdgeNode {
+            name,
+            addresses,
+            problems: Vec::new(),
+        })
+        .collect())
+}
+
+/// Cluster mode settings.
+#[derive(Debug, Clone)]
+pub struct KubeSync {
+    /// Label selector for edge Nodes (cloud nodes are never redirected).
+    pub selector: String,
+    pub namespace: String,
+    /// The ConfigMap holding tunnel address allocations.
+    pub allocations: String,
+    /// A ConfigMap to keep a CoreDNS `hosts` file in (key `hosts`), if any.
+    pub coredns: Option<String>,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+}
+
+/// Cluster mode: watches Nodes and reconciles after every change (debounced) and every
+/// `cfg.resync`. Runs until `shutdown`.
+pub async fn run_kube(
+    client: Client,
+    k: KubeSync,
+    cfg: SyncConfig,
+    metrics: SyncMetrics,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let watch = watcher(nodes_api, watcher::Config::default().labels(&k.selector));
+    let mut stream = reflector(writer, watch).default_backoff().boxed();
+    let store = KubeStore::new(client.clone(), &k.namespace, &k.allocations);
+    let events = NodeEvents::new(client.clone(), k.instance.clone());
+    let cm_api: Api<ConfigMap> = Api::namespaced(client, &k.namespace);
+    let mut missing = Missing::default();
+    let mut reported = Reported::default();
+    let mut synced_once = false;
+    let mut retry = false;
+    let mut last_hosts = None;
+    let mut resync = tokio::time::interval(cfg.resync);
+    loop {
+        let go = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            ev = stream.next() => match ev {
+                Some(Ok(watcher::Event::InitDone)) => { synced_once = true; true }
+                Some(Ok(_)) => true,
+                Some(Err(e)) => { tracing::warn!("Node watch: {e}; retrying with backoff"); false }
+                None => return Err("the Node watch ended".into()),
+            },
+            _ = resync.tick() => true,
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => true,
+        };
+        // Until the first complete list, a partial view would release live nodes' addresses.
+        if !go || !synced_once {
+            continue;
+        }
+        // Debounce: a burst of Node updates (a fleet reconnecting) becomes one reconciliation.
+        let burst_end = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(burst_end);
+        loop {
+            tokio::select! {
+                _ = &mut burst_end => break,
+                ev = stream.next() => if let Some(Err(e)) = ev { tracing::warn!("Node watch: {e}"); },
+            }
+        }
+        let objects = reader.state();
+        let uids: BTreeMap<String, Option<String>> = objects
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.uid.clone())))
+            .collect();
+        let nodes: Vec<EdgeNode> = objects.iter().filter_map(|n| model::edge_node(n)).collect();
+        match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
+            Ok(o) => {
+                let mut keys = BTreeSet::new();
+                for (n, r, note, key) in notices(&o, &cfg.pool) {
+                    if reported.fresh(&key) {
+                        tracing::warn!(node = %n, reason = r, "{note}");
+                        events
+                            .warn(&n, uids.get(&n).cloned().flatten(), r, &note)
+                            .await;
+                    }
+                    keys.insert(key);
+                }
+                reported.keep_only(&keys);
+                if let Some(name) = &k.coredns {
+                    let hosts = coredns_hosts(&o.table);
+                    if last_hosts.as_ref() != Some(&hosts) {
+                        match apply_hosts(&cm_api, name, &hosts).await {
+                            Ok(()) => last_hosts = Some(hosts),
+                            Err(e) => tracing::warn!("{e}"),
+                        }
+                    }
+                }
+                ready.store(true, Ordering::Relaxed);
+                retry = false;
+            }
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                tracing::error!(
+                    "node sync failed, keeping the previous node table (retrying in 1 s): {e}"
+                );
+                retry = true;
+            }
+        }
+    }
+}
+
+/// A hosts file for CoreDNS's `hosts` plugin: node name -> tunnel address, for pods.
+pub fn coredns_hosts(t: &NodeTable) -> String {
+    let mut out = String::from("# managed by edge-redirector: edge node name -> tunnel address\n");
+    for (n, ip) in &t.tunnel {
+        out.push_str(&format!("{ip} {n}\n"));
+    }
+    out
+}
+
+async fn apply_hosts(api: &Api<ConfigMap>, name: &str, hosts: &str) -> Result<(), String> {
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("hosts".to_owned(), hosts.to_owned())])),
+        ..Default::default()
+    };
+    let pp = PatchParams::apply(super::events::CONTROLLER).force();
+    api.patch(name, &pp, &Patch::Apply(&cm))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!("updating the CoreDNS hosts ConfigMap {name}: {e} (grant patch on it)")
+        })
+}
+
+/// Where the nodes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Embedded mode: a node table file, allocations in a local state file.
+    File { nodes: PathBuf, state: PathBuf },
+    /// Cluster mode: Node objects through the Kubernetes API.
+    Kube(KubeSync),
+}
+
+/// `redirector sync-nodes`: metrics and health on `metrics_listen`, then the loop for `source`.
+pub async fn serve(
+    source: Source,
+    cfg: SyncConfig,
+    metrics_listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let metrics = SyncMetrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(at) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| format!("listening for metrics on {at} (--metrics-listen): {e}"))?;
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let r = ready.clone();
+        tokio::spawn(crate::http::serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(move || r.load(Ordering::Relaxed)),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(pool = %cfg.pool, size = %cfg.pool.size(), out = %cfg.out.display(), "node sync starting");
+    match source {
+        Source::File { nodes, state } => {
+            run_file(nodes, state, cfg, metrics, ready, shutdown).await
+        }
+        Source::Kube(k) => {
+            let client = Client::try_default().await.map_err(|e| {
+                format!("no Kubernetes client configuration (in-cluster service account, or KUBECONFIG): {e}")
+            })?;
+            run_kube(client, k, cfg, metrics, ready, shutdown).await
+        }
+    }
+}
