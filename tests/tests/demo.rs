@@ -35,12 +35,12 @@ fn demo_runs_to_the_end_with_every_check_passing_and_cleans_up() {
     // Every node by name and tunnel address, edge-a also by its unique InternalIP.
     for (host, node) in [
         ("edge-a", "edge-a"),
-        ("198.51.100.10", "edge-a"),
+        ("198.51.100.1:", "edge-a"),
         ("192.0.2.10:", "edge-a"),
         ("edge-b", "edge-b"),
-        ("198.51.100.11", "edge-b"),
+        ("198.51.100.2:", "edge-b"),
         ("edge-c", "edge-c"),
-        ("198.51.100.12", "edge-c"),
+        ("198.51.100.3:", "edge-c"),
     ] {
         let (url, answer) = (format!("curl https://{host}"), format!("-> ok {node}"));
         assert!(
@@ -57,7 +57,10 @@ fn demo_runs_to_the_end_with_every_check_passing_and_cleans_up() {
             .contains(r#"192.0.2.20 belongs to several nodes ["edge-b", "edge-c"]"#)
     );
     for expected in [
-        "198.51.100.10\tedge-a",
+        // sync-nodes assigned tunnel addresses from the pool; the hosts block names them.
+        "edge-b 192.0.2.20 tunnel=198.51.100.2",
+        "edge-c 192.0.2.20 tunnel=198.51.100.3",
+        "198.51.100.1\tedge-a",
         "edge-b /containerLogs/default/web/app?follow=true: log line 5",
         "ECHO HELLO FROM THE API SERVER",
         "edge-c: read 31 bytes until the client's half-close; exit 0",

@@ -105,9 +105,12 @@ fn every_flag_and_variable_the_manifests_set_exists() {
     let docs = documents(&manifests());
     let mut checked = 0;
     for d in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
-        for c in d["spec"]["template"]["spec"]["containers"]
+        let pod = &d["spec"]["template"]["spec"];
+        for c in pod["containers"]
             .as_array()
             .unwrap()
+            .iter()
+            .chain(pod["initContainers"].as_array().into_iter().flatten())
         {
             let bin = c["command"][0].as_str().unwrap();
             let args: Vec<&str> = c["args"]
@@ -121,7 +124,11 @@ fn every_flag_and_variable_the_manifests_set_exists() {
             for flag in &args[1..] {
                 let name = flag.split('=').next().unwrap();
                 assert!(
-                    text.contains(&format!("{name} <")),
+                    // `--flag <VALUE>`, or a switch alone on its line.
+                    text.lines().any(|l| {
+                        let l = l.trim_start();
+                        l.starts_with(&format!("{name} <")) || l == name
+                    }),
                     "{bin} {}: no flag {name}",
                     args[0]
                 );
@@ -150,10 +157,7 @@ fn every_example_config_parses() {
         .iter()
         .find(|d| d["kind"] == "ConfigMap")
         .expect("ConfigMap");
-    let mut tables = vec![(
-        PathBuf::from("deploy/configmap.yaml nodes.txt"),
-        cm["data"]["nodes.txt"].as_str().unwrap().to_owned(),
-    )];
+    let mut tables = Vec::new();
     for e in std::fs::read_dir(deploy_dir().join("examples")).unwrap() {
         let p = e.unwrap().path();
         tables.push((p.clone(), std::fs::read_to_string(&p).unwrap()));
@@ -161,12 +165,15 @@ fn every_example_config_parses() {
     for (name, text) in &tables {
         let t = NodeTable::parse(text, name).unwrap_or_else(|e| panic!("{e}"));
         assert!(!t.nodes.is_empty(), "{}", name.display());
-        assert_eq!(
-            t.tunnel.len(),
-            t.nodes.len(),
-            "{}: every node has a tunnel address",
-            name.display()
-        );
+        // Input for `sync-nodes --nodes` has no tunnel= (the pool assigns it); a static
+        // table gives every node one.
+        let sync_input = name
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("sync-");
+        let expected = if sync_input { 0 } else { t.nodes.len() };
+        assert_eq!(t.tunnel.len(), expected, "{}", name.display());
     }
     for key in ["REDIRECTOR_PORTS", "TUNNEL_PORTS"] {
         let ports: Vec<u16> = cm["data"][key]
@@ -181,6 +188,10 @@ fn every_example_config_parses() {
         cm["data"]["REDIRECTOR_PORTS"], cm["data"]["TUNNEL_PORTS"],
         "the agents serve what the masters redirect"
     );
+    let pool = cm["data"]["REDIRECTOR_POOL"].as_str().unwrap();
+    let pool = redirector::nodes::pool::Pool::parse(pool).unwrap();
+    assert!(pool.size() >= 1000, "a pool for a fleet");
+    assert_eq!(tables.len(), 2, "{tables:?}");
 }
 
 /// deploy/make-certs.sh makes certificates the tunnel accepts: a real mutual-TLS handshake with
@@ -230,4 +241,38 @@ fn make_certs_script_issues_certificates_the_tunnel_accepts() {
     }
     assert_eq!(server.join().unwrap(), "edge-shop-17");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Least privilege: no pod mounts an API token except through the sync-nodes container's own
+/// volume, and the only Roles are the sync's.
+#[test]
+fn only_the_node_sync_gets_an_api_token() {
+    let docs = documents(&manifests());
+    for d in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["automountServiceAccountToken"], false,
+            "{}",
+            d["metadata"]["name"]
+        );
+        let all = pod["containers"].as_array().unwrap().iter();
+        for c in all.chain(pod["initContainers"].as_array().into_iter().flatten()) {
+            let token = c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["name"] == "api-token");
+            assert_eq!(token, c["name"] == "sync-nodes", "{}", c["name"]);
+        }
+    }
+    let subjects: BTreeSet<String> = docs
+        .iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| k.ends_with("Binding")))
+        .flat_map(|d| d["subjects"].as_array().unwrap().iter())
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        subjects,
+        BTreeSet::from(["edge-redirector-master".to_owned()])
+    );
 }

@@ -2,6 +2,8 @@
 //! on every edge a kubelet stand-in, node-exporter and the tunnel agent; on the master the
 //! redirector, the tunnel server and Prometheus.
 use std::{
+    collections::BTreeMap,
+    net::IpAddr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -9,13 +11,19 @@ use std::{
 
 use redirector_tests::{LoggedProc, spawn::workspace_bin, tunnel_procs};
 
-use crate::{tools::Tools, world::DemoWorld};
+use redirector::node_table::NodeTable;
+
+use crate::{
+    tools::Tools,
+    world::{DemoWorld, POOL},
+};
 
 pub const INGRESS: &str = "127.0.0.1:10266";
 pub const AGENT_PORT: u16 = 10262;
 pub const SERVER_METRICS: &str = "127.0.0.1:10263";
 pub const REDIRECTOR_METRICS: &str = "127.0.0.1:10269";
 pub const PROMETHEUS: &str = "127.0.0.1:9090";
+pub const SYNC_METRICS: &str = "127.0.0.1:10270";
 /// Kubelet ports plus node-exporter's, which the demo adds to the redirected ports.
 pub const PORTS: &str = "10250,10255,10350,9100";
 
@@ -23,11 +31,14 @@ pub const PORTS: &str = "10250,10255,10350,9100";
 /// while clients still run. Most are only held for their Drop (which stops the process).
 #[allow(dead_code)]
 pub struct Cluster {
+    /// Node name -> tunnel address, as `sync-nodes` assigned them.
+    pub tunnel: BTreeMap<String, IpAddr>,
     pub prometheus: LoggedProc,
     pub server: LoggedProc,
     pub redirector: LoggedProc,
     pub agents: Vec<LoggedProc>,
     pub edge_services: Vec<LoggedProc>,
+    pub sync: LoggedProc,
 }
 
 fn s(p: &Path) -> String {
@@ -57,10 +68,52 @@ fn wait_until(p: &mut LoggedProc, what: &str, mut ready: impl FnMut(&str) -> boo
     }
 }
 
+/// `redirector sync-nodes` in embedded mode: the operator's node list in, the node table with
+/// a tunnel address per node out. Returns once the table lists every node with one.
+fn start_sync(w: &DemoWorld) -> (LoggedProc, BTreeMap<String, IpAddr>) {
+    let cmd = w.master_plain(
+        &s(&workspace_bin("redirector")),
+        &[
+            "sync-nodes",
+            "--nodes",
+            &s(&w.nodes_input),
+            "--state",
+            &s(&w.pool_state),
+            "--pool",
+            POOL,
+            "--out",
+            &s(&w.node_table),
+            "--metrics-listen",
+            SYNC_METRICS,
+        ],
+    );
+    let mut sync = LoggedProc::start(&w.dir, "sync-nodes", cmd);
+    let mut tunnel = BTreeMap::new();
+    wait_until(&mut sync, "sync-nodes", |_| {
+        tunnel = std::fs::read_to_string(&w.node_table)
+            .ok()
+            .and_then(|t| NodeTable::parse(&t, &w.node_table).ok())
+            .map(|t| t.tunnel)
+            .unwrap_or_default();
+        tunnel.len() == w.edges.len()
+    });
+    (sync, tunnel)
+}
+
 pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
+    let (sync, tunnel) = start_sync(w);
     let mut edge_services = Vec::new();
-    for (edge, (cert, key)) in w.edges.iter().zip(&w.pki.kubelets) {
+    for edge in &w.edges {
         let name = edge.spec.name;
+        // The kubelet's certificate names every way the API server may dial it.
+        let (cert, key) = w.pki.kubelet.serving(
+            &format!("kubelet-{name}"),
+            &[
+                name.to_owned(),
+                edge.spec.internal_ip.to_owned(),
+                tunnel[name].to_string(),
+            ],
+        );
         let cmd = w.on_edge(
             edge,
             &workspace_bin("kubelet-standin"),
@@ -70,11 +123,11 @@ pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
                 "--listen",
                 "0.0.0.0:10250",
                 "--ca",
-                &s(&w.pki.kubelet_ca),
+                &s(&w.pki.kubelet.ca_pem),
                 "--cert",
-                &s(cert),
+                &s(&cert),
                 "--key",
-                &s(key),
+                &s(&key),
             ],
         );
         let mut kubelet = LoggedProc::start(&w.dir, &format!("kubelet-{name}"), cmd);
@@ -164,6 +217,8 @@ pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
 
     let prometheus = start_prometheus(w, tools);
     Cluster {
+        tunnel,
+        sync,
         prometheus,
         server,
         redirector,
@@ -216,7 +271,7 @@ pub fn local_get(w: &DemoWorld, tools: &Tools, url: &str) -> String {
 pub fn kubelet_curl_args(w: &DemoWorld) -> Vec<String> {
     vec![
         "--cacert".into(),
-        s(&w.pki.kubelet_ca),
+        s(&w.pki.kubelet.ca_pem),
         "--cert".into(),
         s(&w.pki.client.0),
         "--key".into(),

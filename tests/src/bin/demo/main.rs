@@ -85,20 +85,21 @@ fn run(tools: &tools::Tools, keep: bool) -> bool {
             e.ns.name, e.spec.name, e.spec.internal_ip, e.gateway
         ));
     }
-    say("   node table:");
-    for l in world::node_table_text().lines() {
+    say("   the nodes, as an operator lists them:");
+    for l in world::nodes_input_text().lines() {
         say(&format!("     {l}"));
     }
 
     let mut ok = scenes::unreachable_without_redirector(&w, tools);
     let mut c = cluster::start(&w, tools);
+    ok &= scenes::tunnel_addresses_assigned(&w, &c);
     say(&format!(
         "   started: redirector (ingress {}), tunnel server (agents dial :{}), 3 agents, 3 kubelets, 3 node-exporters, Prometheus",
         cluster::INGRESS,
         cluster::AGENT_PORT
     ));
-    ok &= scenes::hosts_block(&w);
-    ok &= scenes::kubelets_by_name_and_address(&w, tools);
+    ok &= scenes::hosts_block(&w, &c);
+    ok &= scenes::kubelets_by_name_and_address(&w, tools, &c);
     ok &= scenes::shared_internal_ip_refused(&w, tools, &mut c);
     ok &= scenes::streaming_logs(&w, tools);
     ok &= scenes::exec_half_close(&w);

@@ -53,7 +53,24 @@ pub fn unreachable_without_redirector(w: &DemoWorld, tools: &Tools) -> bool {
     check(!out.status.success(), "the master reached an edge directly")
 }
 
-pub fn hosts_block(w: &DemoWorld) -> bool {
+pub fn tunnel_addresses_assigned(w: &DemoWorld, c: &Cluster) -> bool {
+    say(&format!(
+        "\n== redirector sync-nodes gave each node a unique tunnel address from {} (kept in {}); the node table it wrote:",
+        crate::world::POOL,
+        w.pool_state.display()
+    ));
+    let table = std::fs::read_to_string(&w.node_table).unwrap_or_default();
+    for l in table.lines() {
+        say(&format!("   {l}"));
+    }
+    let distinct: std::collections::BTreeSet<_> = c.tunnel.values().collect();
+    check(
+        c.tunnel.len() == w.edges.len() && distinct.len() == c.tunnel.len(),
+        "one distinct tunnel address per node",
+    )
+}
+
+pub fn hosts_block(w: &DemoWorld, c: &Cluster) -> bool {
     say(
         "\n== Node names resolve to unique tunnel addresses (block the redirector manages in the hosts file)",
     );
@@ -63,19 +80,20 @@ pub fn hosts_block(w: &DemoWorld) -> bool {
     }
     w.edges.iter().all(|e| {
         check(
-            hosts.contains(&format!("{}\t{}\n", e.spec.tunnel_ip, e.spec.name)),
+            hosts.contains(&format!("{}\t{}\n", c.tunnel[e.spec.name], e.spec.name)),
             &format!("hosts block lacks {}", e.spec.name),
         )
     })
 }
 
-pub fn kubelets_by_name_and_address(w: &DemoWorld, tools: &Tools) -> bool {
+pub fn kubelets_by_name_and_address(w: &DemoWorld, tools: &Tools, c: &Cluster) -> bool {
     say(
         "\n== The API server's view: each kubelet by name, by tunnel address, by a unique InternalIP (HTTPS, client certificate, end to end)",
     );
     let mut ok = true;
     for e in &w.edges {
-        let mut hosts = vec![e.spec.name, e.spec.tunnel_ip];
+        let tunnel = c.tunnel[e.spec.name].to_string();
+        let mut hosts = vec![e.spec.name, &tunnel];
         if e.spec.name == "edge-a" {
             hosts.push(e.spec.internal_ip);
         }
@@ -159,7 +177,7 @@ pub fn exec_half_close(w: &DemoWorld) -> bool {
         input.to_owned(),
     ];
     for (flag, v) in [
-        ("--ca", &w.pki.kubelet_ca),
+        ("--ca", &w.pki.kubelet.ca_pem),
         ("--cert", &w.pki.client.0),
         ("--key", &w.pki.client.1),
     ] {

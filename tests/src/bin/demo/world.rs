@@ -9,8 +9,9 @@
 //!
 //! Each edge holds its InternalIP as a /32 on its uplink: the master has no route to it, as
 //! with edge nodes behind NAT, while the edge reaches the master's uplink address, where its
-//! agent dials the tunnel server. Tunnel addresses (198.51.100.10-12) exist only in the node
-//! table: the redirector captures connections to them; no interface has them.
+//! agent dials the tunnel server. Tunnel addresses (from the pool 198.51.100.0/28, assigned by
+//! `redirector sync-nodes`) exist only in the node table: the redirector captures connections
+//! to them; no interface has them.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -27,25 +28,24 @@ use redirector_tests::{
 pub struct EdgeSpec {
     pub name: &'static str,
     pub internal_ip: &'static str,
-    pub tunnel_ip: &'static str,
 }
+
+/// Where `redirector sync-nodes` takes every node's tunnel address from.
+pub const POOL: &str = "198.51.100.0/28";
 
 /// edge-b and edge-c share an InternalIP, as edge nodes in different private networks do.
 pub const EDGES: [EdgeSpec; 3] = [
     EdgeSpec {
         name: "edge-a",
         internal_ip: "192.0.2.10",
-        tunnel_ip: "198.51.100.10",
     },
     EdgeSpec {
         name: "edge-b",
         internal_ip: "192.0.2.20",
-        tunnel_ip: "198.51.100.11",
     },
     EdgeSpec {
         name: "edge-c",
         internal_ip: "192.0.2.20",
-        tunnel_ip: "198.51.100.12",
     },
 ];
 
@@ -60,16 +60,20 @@ pub struct Edge {
 /// certificates, the API server's client certificate). The tunnel never holds the latter.
 pub struct Pki {
     pub tunnel: TestPki,
-    pub kubelet_ca: PathBuf,
+    /// Issues each kubelet's serving certificate once its tunnel address is known.
+    pub kubelet: TestPki,
     /// The "API server"'s kubelet client certificate and key.
     pub client: (PathBuf, PathBuf),
-    /// Per edge: its kubelet serving certificate and key.
-    pub kubelets: Vec<(PathBuf, PathBuf)>,
 }
 
 pub struct DemoWorld {
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// The nodes as an operator lists them (no tunnel addresses): `sync-nodes`'s input.
+    pub nodes_input: PathBuf,
+    /// Allocation state of `sync-nodes` (embedded mode).
+    pub pool_state: PathBuf,
+    /// The node table `sync-nodes` writes and the redirector and tunnel server follow.
     pub node_table: PathBuf,
     /// The hosts file the redirector manages and the master's clients resolve names with.
     pub hosts: PathBuf,
@@ -109,15 +113,17 @@ impl DemoWorld {
             });
         }
         let cgroup = TestCgroup::new(&format!("edge-redirector-demo-{id}"));
-        let node_table = dir.join("nodes.txt");
-        fs::write(&node_table, node_table_text()).expect("node table");
+        let nodes_input = dir.join("nodes-input.txt");
+        fs::write(&nodes_input, nodes_input_text()).expect("node list");
         let hosts = dir.join("hosts");
         fs::write(&hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost\n").expect("hosts file");
         let pki = make_pki(&dir);
         Self {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/edge-redirector-demo-{id}")),
+            node_table: dir.join("nodes.txt"),
+            pool_state: dir.join("tunnel-addresses"),
+            nodes_input,
             dir,
-            node_table,
             hosts,
             pki,
             cgroup,
@@ -168,15 +174,10 @@ impl Drop for DemoWorld {
     }
 }
 
-pub fn node_table_text() -> String {
-    let mut t = String::from(
-        "# node-id  InternalIP     tunnel address (unique; the node's name resolves to it)\n",
-    );
+pub fn nodes_input_text() -> String {
+    let mut t = String::from("# node-id  InternalIP\n");
     for e in &EDGES {
-        t.push_str(&format!(
-            "{:<10} {:<14} tunnel={}\n",
-            e.name, e.internal_ip, e.tunnel_ip
-        ));
+        t.push_str(&format!("{:<10} {}\n", e.name, e.internal_ip));
     }
     t
 }
@@ -184,23 +185,9 @@ pub fn node_table_text() -> String {
 fn make_pki(dir: &Path) -> Pki {
     let tunnel = TestPki::new(dir);
     let kubelet = TestPki::named(dir, "kubelet-ca", "demo kubelet CA");
-    let kubelets = EDGES
-        .iter()
-        .map(|e| {
-            kubelet.serving(
-                &format!("kubelet-{}", e.name),
-                &[
-                    e.name.to_owned(),
-                    e.internal_ip.to_owned(),
-                    e.tunnel_ip.to_owned(),
-                ],
-            )
-        })
-        .collect();
     Pki {
         client: kubelet.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client"),
-        kubelet_ca: kubelet.ca_pem.clone(),
         tunnel,
-        kubelets,
+        kubelet,
     }
 }
