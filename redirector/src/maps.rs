@@ -233,7 +233,15 @@ impl PinnedMaps {
     }
 }
 
-fn sync_one<K: aya::Pod + Ord + Copy>(
+/// A batch operation this kernel does not have (before 5.6).
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+fn sync_one<K: aya::Pod + Ord + Copy + Default>(
     map: &mut HashMap<MapData, K, NodeValue>,
     raw: &MapData,
     want: &std::collections::BTreeMap<K, NodeValue>,
@@ -242,16 +250,47 @@ fn sync_one<K: aya::Pod + Ord + Copy>(
     stats: &mut SyncStats,
     show: impl Fn(&K) -> String,
 ) -> Result<()> {
-    let current: std::collections::BTreeMap<K, NodeValue> = map
-        .iter()
-        .collect::<Result<_, _>>()
-        .map_err(|e| Error::ebpf(format!("reading {name}"), e))?;
+    // Batched where the kernel can (5.6+): a 100,000-entry map is read in a few syscalls.
+    let current: std::collections::BTreeMap<K, NodeValue> =
+        match crate::sys::map_lookup_all::<K, NodeValue>(raw.fd().as_fd()) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) if unsupported(&e) => map
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::ebpf(format!("reading {name}"), e))?,
+            Err(e) => return Err(Error::io(format!("reading {name}"), e)),
+        };
     // Removals first, so a table that shrinks and grows in one step fits the map.
-    for k in current.keys().filter(|k| !want.contains_key(k)) {
-        match map.remove(k) {
-            Ok(()) | Err(MapError::KeyNotFound) => stats.removed += 1,
-            Err(e) => return Err(Error::ebpf(format!("removing {} from {name}", show(k)), e)),
+    let gone: Vec<K> = current
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect();
+    let (deleted, r) = if gone.is_empty() {
+        (0, Ok(()))
+    } else {
+        crate::sys::map_delete_batch(raw.fd().as_fd(), &gone)
+    };
+    match r {
+        Ok(()) => stats.removed += gone.len(),
+        // Unsupported, or a key gone meanwhile (ENOENT stops the batch): one by one.
+        Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
+            stats.removed += deleted;
+            for k in &gone[deleted..] {
+                match map.remove(k) {
+                    Ok(()) | Err(MapError::KeyNotFound) => stats.removed += 1,
+                    Err(MapError::SyscallError(s))
+                        if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        stats.removed += 1
+                    }
+                    Err(e) => {
+                        return Err(Error::ebpf(format!("removing {} from {name}", show(k)), e));
+                    }
+                }
+            }
         }
+        Err(e) => return Err(Error::io(format!("removing entries from {name}"), e)),
     }
     let (keys, values): (Vec<K>, Vec<NodeValue>) = want
         .iter()
@@ -275,12 +314,7 @@ fn sync_one<K: aya::Pod + Ord + Copy>(
         Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
             return Err(full(&keys[done.min(keys.len() - 1)]));
         }
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)
-            ) =>
-        {
+        Err(e) if unsupported(&e) => {
             for (k, v) in keys.iter().zip(&values).skip(done) {
                 map.insert(k, v, 0).map_err(|e| {
                     if is_full(&e) {

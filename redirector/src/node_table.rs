@@ -106,18 +106,18 @@ impl NodeTable {
             nodes.insert(id.to_owned(), addrs);
         }
         // A tunnel address is what the node's name resolves to: shared, it would be refused.
-        for (id, (ip, line_no)) in &tunnel {
-            if let Some(other) = nodes
-                .iter()
-                .find(|(other, addrs)| *other != id && addrs.contains(ip))
-            {
-                return Err(err(
-                    *line_no,
-                    format!(
-                        "tunnel address {ip} of node {id:?} is also listed by node {:?}; a tunnel address must belong to one node only",
-                        other.0
-                    ),
-                ));
+        let tunnel_owner: BTreeMap<IpAddr, &String> =
+            tunnel.iter().map(|(id, (ip, _))| (*ip, id)).collect();
+        for (other, addrs) in &nodes {
+            for ip in addrs {
+                if let Some(id) = tunnel_owner.get(ip).filter(|id| **id != other) {
+                    return Err(err(
+                        tunnel[*id].1,
+                        format!(
+                            "tunnel address {ip} of node {id:?} is also listed by node {other:?}; a tunnel address must belong to one node only"
+                        ),
+                    ));
+                }
             }
         }
         let tunnel = tunnel.into_iter().map(|(id, (ip, _))| (id, ip)).collect();
@@ -157,12 +157,16 @@ impl NodeTable {
     /// The node-map contents for this table.
     pub fn kernel_entries(&self) -> KernelEntries {
         let mut out = KernelEntries::default();
-        for (ip, owners) in self.owners() {
-            let flags = if owners.len() > 1 {
-                node_flags::AMBIGUOUS
-            } else {
-                0
-            };
+        // Owner counts only: this runs on every change of a fleet-sized table.
+        let mut owners: std::collections::HashMap<IpAddr, u32> =
+            std::collections::HashMap::with_capacity(self.nodes.len() * 2);
+        for addrs in self.nodes.values() {
+            for a in addrs {
+                *owners.entry(*a).or_default() += 1;
+            }
+        }
+        for (ip, owners) in owners {
+            let flags = if owners > 1 { node_flags::AMBIGUOUS } else { 0 };
             let value = NodeValue { flags };
             match ip {
                 IpAddr::V4(v4) => {

@@ -14,7 +14,9 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 /// `SO_NETNS_COOKIE` (Linux 5.14+); not in every libc crate version.
@@ -124,6 +126,59 @@ pub fn map_update_batch<K: Copy, V: Copy>(
     // The kernel writes back how many elements it processed into `count`.
     let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
     (attr.count as usize, r)
+}
+
+/// Deletes many keys in one syscall (`BPF_MAP_DELETE_BATCH`, Linux 5.6+ for hash maps).
+/// Returns how many were deleted before an error, with the error.
+pub fn map_delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, io::Result<()>) {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr).map(drop);
+    (attr.count as usize, r)
+}
+
+/// Reads every entry of a hash map in chunks (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6+): a few
+/// syscalls instead of two per entry.
+pub fn map_lookup_all<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    // Large enough for any bucket (ENOSPC otherwise) and few round trips.
+    const CHUNK: usize = 8192;
+    let mut out = Vec::new();
+    let (mut keys, mut values) = (vec![K::default(); CHUNK], vec![V::default(); CHUNK]);
+    // The batch token is the hash table's bucket index (u32); 8 bytes leave room.
+    let (mut token, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(_) => {}
+            // ENOENT: no more entries (the last chunk came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
 }
 
 #[repr(C)]

@@ -10,6 +10,7 @@
 //!
 //! The edge namespace answers every port the tests use, so a connection that escapes
 //! redirection is *seen* (it lands on an edge service, labelled `edge ...`), never lost.
+pub mod bench;
 pub mod cgroup;
 pub mod netns;
 pub mod pki;

@@ -29,9 +29,10 @@ use crate::{
 /// Where connections to an address go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    Node(String),
+    /// The node's name, shared by all its addresses (one allocation per node, not per address).
+    Node(Arc<str>),
     /// Several nodes list this address: refused, naming them, never guessed.
-    Ambiguous(Vec<String>),
+    Ambiguous(Vec<Arc<str>>),
 }
 
 /// Address -> route, built from a node table.
@@ -40,21 +41,23 @@ pub struct Routes(HashMap<IpAddr, Route>);
 
 impl Routes {
     pub fn from_table(table: &NodeTable) -> Self {
-        Routes(
-            table
-                .owners()
-                .into_iter()
-                .map(|(ip, owners)| {
-                    let owners: Vec<String> = owners.into_iter().map(str::to_owned).collect();
-                    let route = if owners.len() == 1 {
-                        Route::Node(owners[0].clone())
-                    } else {
-                        Route::Ambiguous(owners)
-                    };
-                    (ip, route)
-                })
-                .collect(),
-        )
+        let mut routes: HashMap<IpAddr, Route> = HashMap::with_capacity(table.nodes.len() * 2);
+        for (id, addrs) in &table.nodes {
+            let id: Arc<str> = Arc::from(id.as_str());
+            for ip in addrs {
+                match routes.get_mut(ip) {
+                    None => {
+                        routes.insert(*ip, Route::Node(id.clone()));
+                    }
+                    Some(Route::Node(first)) => {
+                        let first = first.clone();
+                        routes.insert(*ip, Route::Ambiguous(vec![first, id.clone()]));
+                    }
+                    Some(Route::Ambiguous(v)) => v.push(id.clone()),
+                }
+            }
+        }
+        Routes(routes)
     }
 
     pub fn get(&self, ip: &IpAddr) -> Option<&Route> {
@@ -345,7 +348,7 @@ impl Server {
                     orig.addr.ip()
                 )));
             }
-            Some(Route::Node(n)) => n,
+            Some(Route::Node(n)) => n.to_string(),
         };
         let span = tracing::info_span!("stream", node = %node, dst = %orig.addr);
         self.forward(tcp, node, orig.addr.port())

@@ -23,7 +23,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (release build): `redirect`.
+    /// Run a benchmark (release build): `redirect`, `tunnel` or `nodes`.
     Bench {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -129,7 +129,8 @@ fn main() -> Result<()> {
             let bin = match name.as_str() {
                 "redirect" => "bench-redirect",
                 "tunnel" => "bench-tunnel",
-                other => bail!("unknown benchmark {other:?}; known: redirect, tunnel"),
+                "nodes" => "bench-nodes",
+                other => bail!("unknown benchmark {other:?}; known: redirect, tunnel, nodes"),
             };
             run(cargo().args(["build", "--release", "--bins"]))?;
             run(Command::new(format!("target/release/{bin}")).args(args))

@@ -9,7 +9,6 @@
 //! machine's absolute numbers drift between runs; ratios measured side by side do not).
 use std::{
     collections::BTreeMap,
-    fs,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -19,11 +18,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use redirector::{OrigDstTable, loader, maps::PinnedMaps, node_table::KernelEntries};
 use redirector_common::{Config, Ingress, NodeValue};
-use redirector_tests::{Netns, TestCgroup, netns, spawn};
+use redirector_tests::{
+    Netns, TestCgroup,
+    bench::{PinCleanup, dnat_rules, filler, iptables_restore, median, write_report},
+    netns, spawn,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -131,13 +134,6 @@ fn site(tag: &str, id: &str) -> Site {
     Site { ns, _peer: peer }
 }
 
-/// Filler node addresses from 240.0.0.0/4 (reserved, never routed): map keys and RETURN rules
-/// only; no packet is ever sent to them.
-fn filler(i: usize) -> Ipv4Addr {
-    let i = i as u32;
-    Ipv4Addr::new(240, (i >> 16) as u8, (i >> 8) as u8, i as u8)
-}
-
 fn node_entries(n: usize) -> KernelEntries {
     let mut e = KernelEntries::default();
     e.v4.insert(u32::from_ne_bytes([198, 51, 100, 10]), NodeValue::default());
@@ -145,40 +141,6 @@ fn node_entries(n: usize) -> KernelEntries {
         e.v4.insert(u32::from_ne_bytes(filler(i).octets()), NodeValue::default());
     }
     e
-}
-
-fn dnat_rules(n: usize, port: u16) -> String {
-    let mut r = String::with_capacity(n * 48 + 512);
-    r.push_str("*nat\n:TUNNEL-PORT - [0:0]\n:TUNNEL-PORT-10250 - [0:0]\n");
-    r.push_str("-A OUTPUT -p tcp -j TUNNEL-PORT\n-A TUNNEL-PORT -p tcp --dport 10250 -j TUNNEL-PORT-10250\n");
-    for i in 1..=n {
-        r.push_str(&format!(
-            "-A TUNNEL-PORT-10250 -d {}/32 -j RETURN\n",
-            filler(i)
-        ));
-    }
-    r.push_str(&format!(
-        "-A TUNNEL-PORT-10250 -p tcp -j DNAT --to-destination 127.0.0.1:{port}\nCOMMIT\n"
-    ));
-    r
-}
-
-fn iptables_restore(ns: &Netns, flavour: &str, rules: &str) -> Result<Duration> {
-    let t = Instant::now();
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            &format!("iptables-{flavour}-restore"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("iptables-{flavour}-restore"))?;
-    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
-    let st = child.wait()?;
-    ensure!(st.success(), "iptables-{flavour}-restore failed");
-    Ok(t.elapsed())
 }
 
 fn iptables(ns: &Netns, flavour: &str, args: &[&str]) -> Result<Duration> {
@@ -208,11 +170,6 @@ fn run_client(ns: &Netns, cg: Option<&TestCgroup>, target: &str, count: usize) -
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn us(ns: u64) -> f64 {
@@ -401,12 +358,7 @@ fn main() -> Result<()> {
     )?;
     drop(installed);
     let out = json!({"bench": "redirect", "conns_per_round": cli.conns, "rounds": cli.rounds, "results": table, "node_changes": changes});
-    if let Some(dir) = cli.out.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&cli.out, serde_json::to_string_pretty(&out)?)?;
-    println!("wrote {}", cli.out.display());
-    Ok(())
+    write_report(&cli.out, &out)
 }
 
 /// Time to load a 10,000-node table and to add / remove ONE node while 10,000 are present.
@@ -514,15 +466,4 @@ struct Variant<'a> {
     cgroup: Option<&'a TestCgroup>,
     target: String,
     ingress: Option<SocketAddr>,
-}
-
-/// Removes the bench's pins on exit, also on error.
-struct PinCleanup(PathBuf);
-
-impl Drop for PinCleanup {
-    fn drop(&mut self) {
-        if let Err(e) = redirector::uninstall::uninstall(&self.0) {
-            eprintln!("cleanup: {e}");
-        }
-    }
 }

@@ -19,7 +19,13 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
-use redirector_tests::{LoggedProc, Netns, World, free_addr, pki::TestPki, spawn, tunnel_procs};
+use redirector_tests::{
+    LoggedProc, Netns, World,
+    bench::{median, write_report},
+    free_addr,
+    pki::TestPki,
+    spawn, tunnel_procs,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -314,11 +320,6 @@ fn measure_rss(p: &Path, idle: usize) -> Result<Vec<f64>> {
         .collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(c) = cli.client {
@@ -419,12 +420,7 @@ fn main() -> Result<()> {
     drop(rathole_procs);
     print_table(&results);
     let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "rounds": cli.rounds, "idle_streams": cli.idle, "results": results});
-    if let Some(d) = cli.out.parent() {
-        fs::create_dir_all(d)?;
-    }
-    fs::write(&cli.out, serde_json::to_string_pretty(&out)?)?;
-    println!("wrote {}", cli.out.display());
-    Ok(())
+    write_report(&cli.out, &out)
 }
 
 fn start_rathole(
