@@ -26,6 +26,10 @@ use tunnel::{
     about = "Reverse tunnel for edge nodes: server on masters, agent on edge nodes"
 )]
 struct Cli {
+    /// Runtime worker threads: 0 = one per CPU; 1 = a single-threaded runtime (lower latency
+    /// per connection when the host has few cores to share with other work).
+    #[arg(long, global = true, env = "TUNNEL_THREADS", default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -140,8 +144,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(run(Cli::parse())) {
+    let cli = Cli::parse();
+    let rt = match cli.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Runtime::new(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
