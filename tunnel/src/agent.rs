@@ -7,7 +7,10 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -36,7 +39,9 @@ pub struct AgentConfig {
     pub resolve_interval: Duration,
     /// The name the servers' certificate carries.
     pub server_name: ServerName<'static>,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Replaceable: when it changes (a renewed certificate, a new CA bundle) the agent opens
+    /// new sessions with it and drains the old ones.
+    pub tls: crate::tls::Live<rustls::ClientConfig>,
     /// Ports a stream may ask for.
     pub allowed_ports: BTreeSet<u16>,
     /// Local addresses to dial, in order (e.g. the node IP, then 127.0.0.1 for endpoints bound
@@ -46,7 +51,16 @@ pub struct AgentConfig {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub keepalive: crate::keepalive::Keepalive,
+    /// How long a draining session (GOAWAY sent) may keep its open streams.
+    pub drain_timeout: Duration,
 }
+
+/// After new sessions are up, how long the old ones keep taking new streams: the servers
+/// switch their routing to the new session when its handshake completes; this covers the
+/// moments in between.
+const ROTATION_GRACE: Duration = Duration::from_secs(1);
+/// How long new sessions may take to come up before a rotation is abandoned.
+const ROTATION_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Capped exponential backoff with full jitter: a fleet of agents restarting together does
 /// not reconnect in lockstep.
@@ -83,6 +97,8 @@ pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: Cancellat
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     let mut last_known: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    let mut tls_changes = cfg.tls.subscribe();
+    tls_changes.mark_unchanged();
     loop {
         let mut want = BTreeSet::new();
         for entry in &cfg.servers {
@@ -109,6 +125,7 @@ pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: Cancellat
                 addr.to_string(),
                 stats.clone(),
                 token,
+                Arc::new(AtomicBool::new(false)),
             ));
         }
         running.retain(|addr, token| {
@@ -122,9 +139,54 @@ pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: Cancellat
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(cfg.resolve_interval) => {}
+            r = tls_changes.changed() => if r.is_ok() {
+                rotate(&cfg, &stats, &shutdown, &mut running, &mut tasks).await;
+            },
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Moves every session onto the current TLS configuration without dropping a stream: opens a
+/// new session to each replica, and once all are up (and the grace has passed), sends GOAWAY
+/// on the old ones, whose open streams finish there.
+async fn rotate(
+    cfg: &AgentConfig,
+    stats: &Arc<AgentMetrics>,
+    shutdown: &CancellationToken,
+    running: &mut HashMap<SocketAddr, CancellationToken>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    tracing::info!(sessions = running.len(), "TLS configuration changed: opening new sessions, then draining the old ones");
+    let mut next = HashMap::new();
+    let mut ups = Vec::new();
+    for addr in running.keys() {
+        let (token, up) = (shutdown.child_token(), Arc::new(AtomicBool::new(false)));
+        tasks.spawn(keep_session(
+            cfg.clone(),
+            addr.to_string(),
+            stats.clone(),
+            token.clone(),
+            up.clone(),
+        ));
+        next.insert(*addr, token);
+        ups.push(up);
+    }
+    let deadline = tokio::time::Instant::now() + ROTATION_DEADLINE;
+    let all_up = || ups.iter().all(|u| u.load(Ordering::Relaxed));
+    while !all_up() && tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !all_up() {
+        tracing::error!("new sessions did not all come up in {ROTATION_DEADLINE:?}; keeping the current sessions (the servers may not trust the new certificate yet)");
+        next.values().for_each(CancellationToken::cancel);
+        return;
+    }
+    tokio::time::sleep(ROTATION_GRACE).await;
+    for (_, old) in running.drain() {
+        old.cancel();
+    }
+    *running = next;
 }
 
 /// One server replica: reconnect with backoff until cancelled.
@@ -133,10 +195,11 @@ async fn keep_session(
     server: String,
     stats: Arc<AgentMetrics>,
     stop: CancellationToken,
+    up: Arc<AtomicBool>,
 ) {
     let mut attempt = 0u32;
     while !stop.is_cancelled() {
-        match session(&cfg, &server, &stats, &stop).await {
+        match session(&cfg, &server, &stats, &stop, &up).await {
             // A session that came up resets the backoff.
             Ok(()) => attempt = 0,
             Err(e) => {
@@ -157,12 +220,13 @@ async fn session(
     server: &str,
     stats: &Arc<AgentMetrics>,
     shutdown: &CancellationToken,
+    up: &AtomicBool,
 ) -> Result<()> {
     let tcp = TcpStream::connect(server)
         .await
         .map_err(|e| Error::io(format!("connecting to server {server}"), e))?;
     let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(cfg.tls.clone())
+    let tls = tokio_rustls::TlsConnector::from(cfg.tls.get())
         .connect(cfg.server_name.clone(), tcp)
         .await
         .map_err(|e| Error::io(format!("TLS with server {server}"), e))?;
@@ -186,13 +250,26 @@ async fn session(
     }
     let _down = Down(stats);
     tracing::info!(server = %server, node = %cfg.node_id, "session up");
+    up.store(true, Ordering::Relaxed);
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
     let ka = crate::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us);
     tokio::pin!(ka);
+    let drain_deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_deadline);
+    let mut draining = false;
     loop {
         let next = tokio::select! {
-            _ = shutdown.cancelled() => {
+            _ = shutdown.cancelled(), if !draining => {
+                // GOAWAY: the server opens no new stream here; open ones finish, which
+                // needs the connection polled (below) until it closes.
                 conn.graceful_shutdown();
+                draining = true;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.drain_timeout);
+                tracing::info!(server = %server, "session draining (GOAWAY sent)");
+                continue;
+            }
+            _ = &mut drain_deadline => {
+                tracing::warn!(server = %server, "drain deadline passed; closing the session with streams still open");
                 return Ok(());
             }
             why = &mut ka => return Err(Error::Refused(format!("session with {server} is dead: {why}"))),

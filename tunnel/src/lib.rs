@@ -19,6 +19,7 @@ pub mod error;
 pub mod identity;
 pub mod keepalive;
 pub mod metrics;
+pub mod pki;
 pub mod relay;
 pub mod server;
 pub mod tls;

@@ -99,7 +99,8 @@ impl Refusal {
 
 #[derive(Clone)]
 pub struct ServerConfig {
-    pub tls: Arc<rustls::ServerConfig>,
+    /// Replaceable: a renewed server certificate or CA bundle applies to new sessions.
+    pub tls: crate::tls::Live<rustls::ServerConfig>,
     /// Receive window per stream: bounds the memory one slow client can pin.
     pub stream_window: u32,
     /// How long opening a stream (agent dial included) may take.
@@ -110,9 +111,9 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
+    pub fn new(tls: impl Into<crate::tls::Live<rustls::ServerConfig>>) -> Self {
         Self {
-            tls,
+            tls: tls.into(),
             stream_window: 1 << 20,
             open_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
@@ -187,7 +188,6 @@ impl Server {
 
     /// Accepts agent sessions until `shutdown`.
     pub async fn serve_agents(&self, listener: TcpListener, shutdown: CancellationToken) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.0.cfg.tls.clone());
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -200,7 +200,8 @@ impl Server {
                 },
             };
             let server = self.clone();
-            let acceptor = acceptor.clone();
+            // The configuration current at accept time (certificates and CAs reload live).
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.0.cfg.tls.get());
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = server.agent_session(acceptor, tcp, peer, shutdown).await {

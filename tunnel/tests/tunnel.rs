@@ -154,7 +154,7 @@ async fn wrong_ca_expired_or_missing_client_certificate_is_refused_with_the_reas
     })
     .with_no_client_auth();
     no_cert.alpn_protocols = vec![b"h2".to_vec()];
-    cfg.tls = std::sync::Arc::new(no_cert);
+    cfg.tls = std::sync::Arc::new(no_cert).into();
     let none = start_agent(cfg);
     wait_for(
         || {

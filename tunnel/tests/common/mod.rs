@@ -170,13 +170,15 @@ pub fn agent_config(
         resolve_interval: Duration::from_secs(30),
         server_name: ServerName::try_from("tunnel.test").unwrap(),
         tls: tls::agent_config(std::slice::from_ref(&ca_trusted.cert), leaf.chain, leaf.key)
-            .unwrap(),
+            .unwrap()
+            .into(),
         allowed_ports: ports.iter().copied().collect::<BTreeSet<_>>(),
         dial: vec![dial],
         stream_window: 1 << 20,
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         keepalive: Default::default(),
+        drain_timeout: Duration::from_secs(30),
     }
 }
 

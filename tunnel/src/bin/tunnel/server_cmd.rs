@@ -1,0 +1,244 @@
+//! `tunnel server`: agent sessions, the ingress for redirected connections, and (with
+//! `--ca-dir`) the cluster's tunnel CA and the enrollment endpoint.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use redirector::{OrigDstTable, node_table::NodeTable};
+use tokio_util::sync::CancellationToken;
+use tunnel::{
+    pki::{
+        ca::CaDir,
+        enroll::{self, Enroller},
+        material::ServerPki,
+        token::TokenStore,
+    },
+    server::{Routes, Server, ServerConfig},
+    tls::{self, Live},
+};
+
+use crate::{Common, bind};
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Keep the tunnel CA in this directory (created on first start, files mode 0600) and
+    /// issue this server's certificate from it, instead of --ca/--cert/--key.
+    #[arg(long, env = "TUNNEL_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// With --ca-dir: every name and address agents dial, comma separated (the server
+    /// certificate's SANs).
+    #[arg(long, env = "TUNNEL_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
+    /// With --ca-dir: where agents enroll and renew (HTTPS).
+    #[arg(long, env = "TUNNEL_ENROLL_LISTEN")]
+    enroll_listen: Option<SocketAddr>,
+    /// With --enroll-listen: the bootstrap token store [default: <ca-dir>/tokens].
+    #[arg(long, env = "TUNNEL_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Lifetime of issued certificates, in hours (agents renew at two thirds).
+    #[arg(long, env = "TUNNEL_CERT_LIFETIME_HOURS", default_value_t = 24.0)]
+    cert_lifetime_hours: f64,
+    /// Where agents dial in.
+    #[arg(long, env = "TUNNEL_AGENT_LISTEN", default_value = "0.0.0.0:10262")]
+    agent_listen: SocketAddr,
+    /// Ingress for redirected host clients (the redirector's --host-ingress).
+    #[arg(long, env = "TUNNEL_HOST_INGRESS", default_value = redirector::DEFAULT_HOST_INGRESS)]
+    host_ingress: SocketAddr,
+    /// Ingress for redirected pod clients (the redirector's --pod-ingress).
+    #[arg(long, env = "TUNNEL_POD_INGRESS")]
+    pod_ingress: Option<SocketAddr>,
+    /// Node table: `<node-id> <ip> [<ip>...]` per line (reloaded when it changes).
+    #[arg(long, env = "TUNNEL_NODE_TABLE")]
+    node_table: PathBuf,
+    /// The redirector's pin directory (original destinations are read from its maps).
+    #[arg(long, env = "REDIRECTOR_PIN_DIR", default_value = redirector::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+/// How long a stopping server waits for in-flight streams.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How often certificate files are checked for changes.
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+fn lifetime(hours: f64) -> Result<Duration, String> {
+    if hours > 0.0 && hours.is_finite() {
+        Ok(Duration::from_secs_f64(hours * 3600.0))
+    } else {
+        Err("--cert-lifetime-hours must be a positive number".into())
+    }
+}
+
+fn pki(a: &ServerArgs) -> Result<ServerPki, String> {
+    match &a.ca_dir {
+        Some(dir) => {
+            let ca = CaDir::new(dir);
+            if ca.ensure().map_err(|e| e.to_string())? {
+                tracing::info!(dir = %dir.display(), "created the tunnel CA");
+            }
+            Ok(ServerPki::CaDir {
+                ca,
+                names: a.server_names.clone(),
+                lifetime: lifetime(a.cert_lifetime_hours)?,
+            })
+        }
+        None => {
+            let (ca, cert, key) = a.common.files("--ca-dir (a CA this server keeps)")?;
+            Ok(ServerPki::Files { ca, cert, key })
+        }
+    }
+}
+
+pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
+    let pki = Arc::new(pki(&a)?);
+    let mut cfg = ServerConfig::new(pki.agents_config().map_err(|e| e.to_string())?);
+    cfg.keepalive = a.common.keepalive()?;
+    let agents_tls = cfg.tls.clone();
+    let table = NodeTable::load(&a.node_table).map_err(|e| e.to_string())?;
+    let server = Server::new(cfg, Routes::from_table(&table));
+    let mut registry = prometheus_client::registry::Registry::default();
+    server.stats().register(&mut registry);
+    let metrics_at = a
+        .common
+        .metrics_listen
+        .unwrap_or_else(|| "127.0.0.1:10267".parse().expect("static"));
+    let ml = bind(metrics_at, "metrics").await?;
+    tokio::spawn(tunnel::metrics::serve(
+        ml,
+        Arc::new(registry),
+        Arc::new(|| true),
+        stop.clone(),
+    ));
+    let orig = Arc::new(Mutex::new(OrigDstTable::open(&a.pin_dir).map_err(|e| {
+        format!("{e} (start the redirector first, with the same --pin-dir)")
+    })?));
+    let agents = bind(a.agent_listen, "agents").await?;
+    let mut ingresses = vec![bind(a.host_ingress, "host ingress").await?];
+    if let Some(p) = a.pod_ingress {
+        ingresses.push(bind(p, "pod ingress").await?);
+    }
+    for l in ingresses {
+        let (s, o, t) = (server.clone(), orig.clone(), stop.clone());
+        tokio::spawn(async move {
+            s.serve_ingress(
+                l,
+                move |tcp| match o.lock().unwrap().take_for_stream(tcp) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!("original destination lookup failed: {e}");
+                        None
+                    }
+                },
+                t,
+            )
+            .await
+        });
+    }
+    tokio::spawn(follow_node_table(server.clone(), a.node_table.clone(), stop.clone()));
+    // Certificates and CA bundle reload without a restart (new sessions use them).
+    let p = pki.clone();
+    tokio::spawn(tls::follow_files(
+        agents_tls,
+        pki.watched(),
+        move || p.agents_config(),
+        TLS_RELOAD_INTERVAL,
+        stop.clone(),
+    ));
+    if let Some(at) = a.enroll_listen {
+        start_enrollment(&a, &pki, at, &stop).await?;
+    }
+    tracing::info!(agent_listen = %a.agent_listen, host_ingress = %a.host_ingress, pod_ingress = ?a.pod_ingress, metrics = %metrics_at, enroll = ?a.enroll_listen, "tunnel server ready");
+    // Sessions outlive the stop signal until in-flight streams drain (bounded): a rolling
+    // restart of the masters does not cut a running `kubectl exec`.
+    let sessions = CancellationToken::new();
+    let agents_task = {
+        let (s, t) = (server.clone(), sessions.clone());
+        tokio::spawn(async move { s.serve_agents(agents, t).await })
+    };
+    stop.cancelled().await;
+    drain(&server, DRAIN_DEADLINE).await;
+    sessions.cancel();
+    let _ = agents_task.await;
+    Ok(())
+}
+
+async fn start_enrollment(
+    a: &ServerArgs,
+    pki: &Arc<ServerPki>,
+    at: SocketAddr,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let Some(dir) = &a.ca_dir else {
+        return Err("--enroll-listen needs --ca-dir: the server signs with the CA it keeps".into());
+    };
+    let tokens = a.tokens.clone().unwrap_or_else(|| dir.join("tokens"));
+    let enroller = Arc::new(Enroller {
+        ca: CaDir::new(dir),
+        tokens: TokenStore::new(&tokens),
+        lifetime: lifetime(a.cert_lifetime_hours)?,
+    });
+    let live = Live::new(pki.enrollment_config().map_err(|e| e.to_string())?);
+    let p = pki.clone();
+    tokio::spawn(tls::follow_files(
+        live.clone(),
+        pki.watched(),
+        move || p.enrollment_config(),
+        TLS_RELOAD_INTERVAL,
+        stop.clone(),
+    ));
+    let listener = bind(at, "enrollment").await?;
+    tokio::spawn(enroll::serve(
+        listener,
+        Arc::new(move || live.get()),
+        enroller,
+        stop.clone(),
+    ));
+    Ok(())
+}
+
+/// Waits until no stream is open, or `deadline`; new connections are already refused.
+async fn drain(server: &Server, deadline: Duration) {
+    let open = || server.stats().streams_open.get();
+    tracing::info!(
+        streams = open(),
+        "stopping: no new connections; draining open streams"
+    );
+    let until = tokio::time::Instant::now() + deadline;
+    while open() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if open() > 0 {
+        tracing::warn!(
+            streams = open(),
+            "drain deadline passed; closing the remaining streams"
+        );
+    }
+}
+
+/// Re-reads the node table when it changes; a bad edit keeps the previous routes.
+async fn follow_node_table(server: Server, path: PathBuf, stop: CancellationToken) {
+    let mut last = NodeTable::modified(&path);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = NodeTable::modified(&path);
+        if now != last {
+            last = now;
+            match NodeTable::load(&path) {
+                Ok(t) => {
+                    server.set_routes(Routes::from_table(&t));
+                    tracing::info!(nodes = t.nodes.len(), "node table reloaded");
+                }
+                Err(e) => {
+                    tracing::error!("node table not applied, keeping the previous routes: {e}")
+                }
+            }
+        }
+    }
+}
