@@ -157,7 +157,10 @@ async fn rotate(
     running: &mut HashMap<SocketAddr, CancellationToken>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
-    tracing::info!(sessions = running.len(), "TLS configuration changed: opening new sessions, then draining the old ones");
+    tracing::info!(
+        sessions = running.len(),
+        "TLS configuration changed: opening new sessions, then draining the old ones"
+    );
     let mut next = HashMap::new();
     let mut ups = Vec::new();
     for addr in running.keys() {
@@ -178,7 +181,9 @@ async fn rotate(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if !all_up() {
-        tracing::error!("new sessions did not all come up in {ROTATION_DEADLINE:?}; keeping the current sessions (the servers may not trust the new certificate yet)");
+        tracing::error!(
+            "new sessions did not all come up in {ROTATION_DEADLINE:?}; keeping the current sessions (the servers may not trust the new certificate yet)"
+        );
         next.values().for_each(CancellationToken::cancel);
         return;
     }

@@ -104,7 +104,9 @@ impl PemFiles {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Error::TlsConfig(format!("{what}: {which}: {e}")))?;
             if v.is_empty() {
-                return Err(Error::TlsConfig(format!("{what}: {which} holds no PEM certificate")));
+                return Err(Error::TlsConfig(format!(
+                    "{what}: {which} holds no PEM certificate"
+                )));
             }
             Ok(v)
         };
@@ -216,7 +218,9 @@ pub async fn follow_files<T>(
                 live.set(c);
                 tracing::info!(files = ?paths, "TLS configuration reloaded");
             }
-            Err(e) => tracing::error!("TLS files changed but cannot be used, keeping the current configuration: {e}"),
+            Err(e) => tracing::error!(
+                "TLS files changed but cannot be used, keeping the current configuration: {e}"
+            ),
         }
     }
 }

@@ -95,11 +95,10 @@ impl Authority {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
         p.distinguished_name
             .push(DnType::CommonName, format!("edge-redirector agent {node}"));
-        p.subject_alt_names = vec![SanType::URI(
-            identity::node_uri(node)
-                .try_into()
-                .map_err(|_| Error::Identity(format!("{node:?} is not a valid node name")))?,
-        )];
+        p.subject_alt_names =
+            vec![SanType::URI(identity::node_uri(node).try_into().map_err(
+                |_| Error::Identity(format!("{node:?} is not a valid node name")),
+            )?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut p, lifetime);
@@ -142,12 +141,16 @@ pub fn csr_node(csr_pem: &str) -> Result<String> {
     }
     match nodes.as_slice() {
         [n] if identity::valid_node_name(n) => Ok(n.clone()),
-        [n] => Err(Error::Identity(format!("the CSR names {n:?}, not a valid node name"))),
+        [n] => Err(Error::Identity(format!(
+            "the CSR names {n:?}, not a valid node name"
+        ))),
         [] => Err(Error::Identity(format!(
             "the CSR has no URI SAN {}<node>",
             identity::NODE_URI_PREFIX
         ))),
-        many => Err(Error::Identity(format!("the CSR names several nodes {many:?}"))),
+        many => Err(Error::Identity(format!(
+            "the CSR names several nodes {many:?}"
+        ))),
     }
 }
 
@@ -156,20 +159,21 @@ pub fn node_csr(node: &str) -> Result<(String, String)> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     p.distinguished_name
         .push(DnType::CommonName, format!("edge-redirector agent {node}"));
-    p.subject_alt_names = vec![SanType::URI(
-        identity::node_uri(node)
-            .try_into()
-            .map_err(|_| Error::Identity(format!("{node:?} is not a valid node name")))?,
-    )];
+    p.subject_alt_names =
+        vec![SanType::URI(identity::node_uri(node).try_into().map_err(
+            |_| Error::Identity(format!("{node:?} is not a valid node name")),
+        )?)];
     let key = KeyPair::generate().map_err(tls_err)?;
     let csr = p.serialize_request(&key).map_err(tls_err)?;
     Ok((csr.pem().map_err(tls_err)?, key.serialize_pem()))
 }
 
+/// Issued certificates start this long before issuance: clocks of edge nodes drift.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
 fn validity(p: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    // A little backdating: clocks of edge nodes drift.
-    p.not_before = now - time::Duration::minutes(5);
+    p.not_before = now - BACKDATE;
     p.not_after = now + lifetime;
 }
 
@@ -313,16 +317,37 @@ mod tests {
         let cert = ca.sign_node_csr(&csr, "edge-a", DAY).unwrap();
         let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes());
         use rustls_pki_types::pem::PemObject;
-        assert_eq!(identity::node_id_from_cert(&der.unwrap()).unwrap(), "edge-a");
-        let e = ca.sign_node_csr(&csr, "edge-b", DAY).unwrap_err().to_string();
-        assert!(e.contains("asks for node \"edge-a\"") && e.contains("belongs to node \"edge-b\""), "{e}");
-        assert!(csr_node("garbage").unwrap_err().to_string().contains("malformed CSR"));
+        assert_eq!(
+            identity::node_id_from_cert(&der.unwrap()).unwrap(),
+            "edge-a"
+        );
+        let e = ca
+            .sign_node_csr(&csr, "edge-b", DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("asks for node \"edge-a\"") && e.contains("belongs to node \"edge-b\""),
+            "{e}"
+        );
+        assert!(
+            csr_node("garbage")
+                .unwrap_err()
+                .to_string()
+                .contains("malformed CSR")
+        );
         // A CSR asking for a DNS name too is refused.
         let mut p = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
-        p.subject_alt_names.push(SanType::URI(identity::node_uri("edge-a").try_into().unwrap()));
+        p.subject_alt_names.push(SanType::URI(
+            identity::node_uri("edge-a").try_into().unwrap(),
+        ));
         let k = KeyPair::generate().unwrap();
         let bad = p.serialize_request(&k).unwrap().pem().unwrap();
-        assert!(csr_node(&bad).unwrap_err().to_string().contains("only the node identity"));
+        assert!(
+            csr_node(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("only the node identity")
+        );
     }
 
     #[test]
@@ -340,9 +365,18 @@ mod tests {
         let first = d.current().unwrap().cert_pem;
         d.rotate().unwrap();
         assert_ne!(d.current().unwrap().cert_pem, first);
-        assert_eq!(d.for_server().unwrap().cert_pem, first, "servers keep the old CA during the overlap");
+        assert_eq!(
+            d.for_server().unwrap().cert_pem,
+            first,
+            "servers keep the old CA during the overlap"
+        );
         assert_eq!(d.bundle().unwrap().matches("BEGIN CERTIFICATE").count(), 2);
-        assert!(d.rotate().unwrap_err().to_string().contains("already in progress"));
+        assert!(
+            d.rotate()
+                .unwrap_err()
+                .to_string()
+                .contains("already in progress")
+        );
         d.finish_rotation().unwrap();
         assert_eq!(d.bundle().unwrap().matches("BEGIN CERTIFICATE").count(), 1);
         assert_ne!(d.for_server().unwrap().cert_pem, first);

@@ -12,7 +12,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpListener;
@@ -74,7 +76,12 @@ impl Enroller {
                 identity::node_id_from_cert(cert)
                     .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?
             }
-            other => return Err((StatusCode::NOT_FOUND, format!("no {other}; use /v1/enroll or /v1/renew"))),
+            other => {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("no {other}; use /v1/enroll or /v1/renew"),
+                ));
+            }
         };
         let forbidden = |e: Error| (StatusCode::FORBIDDEN, e.to_string());
         let internal = |e: Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
@@ -129,8 +136,12 @@ async fn serve_one(
         .await
         .map_err(|_| Error::Refused("TLS handshake timed out".into()))?
         .map_err(|e| Error::io("TLS handshake", e))?;
-    let client_cert: Option<CertificateDer<'static>> =
-        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+    let client_cert: Option<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned();
     let svc = service_fn(move |req: Request<Incoming>| {
         let (enroller, client_cert) = (enroller.clone(), client_cert.clone());
         async move {
@@ -215,7 +226,9 @@ pub async fn request(
         .to_bytes();
     let text = String::from_utf8_lossy(&body);
     if status != StatusCode::OK {
-        return Err(Error::Refused(format!("{path} at {server} refused ({status}): {text}")));
+        return Err(Error::Refused(format!(
+            "{path} at {server} refused ({status}): {text}"
+        )));
     }
     serde_json::from_str(&text)
         .map_err(|e| Error::Refused(format!("{path} at {server}: unexpected answer: {e}")))

@@ -14,7 +14,7 @@ use crate::{
     error::{Error, Result},
     identity,
     pki::{
-        ca::{CaDir, node_csr},
+        ca::{BACKDATE, CaDir, node_csr},
         enroll::{AgentFiles, request},
     },
     tls::{self, Live, PemFiles},
@@ -23,7 +23,11 @@ use crate::{
 /// The server's TLS material.
 pub enum ServerPki {
     /// Operator-managed files.
-    Files { ca: PathBuf, cert: PathBuf, key: PathBuf },
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// A CA kept in `dir` (created on first start); the server's own certificate is issued
     /// from it for `names` at every (re)load.
     CaDir {
@@ -75,7 +79,11 @@ impl ServerPki {
 /// The agent's TLS material.
 pub enum AgentPki {
     /// Operator-managed files.
-    Files { ca: PathBuf, cert: PathBuf, key: PathBuf },
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// Enrolled at the server's enrollment endpoint and renewed there; kept in `files`.
     Enrolled {
         files: AgentFiles,
@@ -181,8 +189,10 @@ pub async fn renew_forever(
             .and_then(|pem| validity(&pem))
         {
             Ok((from, until)) => {
-                let life = until.duration_since(from).unwrap_or_default();
-                let due = from + life * 2 / 3;
+                // Two thirds of the lifetime from issuance (not from the backdated start).
+                let issued = from + BACKDATE;
+                let life = until.duration_since(issued).unwrap_or_default();
+                let due = issued + life * 2 / 3;
                 let retry = Duration::from_secs(1 << failures.min(6)).min(life / 10);
                 if failures > 0 {
                     retry

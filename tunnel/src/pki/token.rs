@@ -20,13 +20,17 @@ use crate::{error::Error, pki::ca::write_private};
 pub enum TokenError {
     #[error("malformed bootstrap token: expected <id>.<secret> as `tunnel token create` prints it")]
     Malformed,
-    #[error("bootstrap token {0} is unknown (or its secret is wrong): create one with `tunnel token create --node <node>`")]
+    #[error(
+        "bootstrap token {0} is unknown (or its secret is wrong): create one with `tunnel token create --node <node>`"
+    )]
     Unknown(String),
     #[error("bootstrap token {0} was already used; tokens are single-use: create a new one")]
     Used(String),
     #[error("bootstrap token {id} expired {ago} s ago: create a new one")]
     Expired { id: String, ago: u64 },
-    #[error("bootstrap token {id} is for node {token_node:?}, but the CSR asks for node {csr_node:?}; a token enrolls only its own node")]
+    #[error(
+        "bootstrap token {id} is for node {token_node:?}, but the CSR asks for node {csr_node:?}; a token enrolls only its own node"
+    )]
     WrongNode {
         id: String,
         token_node: String,
@@ -126,7 +130,9 @@ impl TokenStore {
     }
 
     fn write(&self, entries: &[Entry]) -> Result<(), TokenError> {
-        let mut text = String::from("# bootstrap tokens: <id> <sha256(secret)> <node> <expires-unix> <used>\n");
+        let mut text = String::from(
+            "# bootstrap tokens: <id> <sha256(secret)> <node> <expires-unix> <used>\n",
+        );
         for e in entries {
             text.push_str(&format!(
                 "{} {} {} {} {}\n",
@@ -209,15 +215,27 @@ mod tests {
         let s = TokenStore::new(&dir.join("tokens"));
         let t = s.create("edge-a", Duration::from_secs(600)).unwrap();
         let stored = std::fs::read_to_string(dir.join("tokens")).unwrap();
-        assert!(!stored.contains(t.split_once('.').unwrap().1), "the secret is not stored");
+        assert!(
+            !stored.contains(t.split_once('.').unwrap().1),
+            "the secret is not stored"
+        );
         let id = t.split_once('.').unwrap().0.to_owned();
-        assert!(matches!(s.redeem(&t, "edge-b"), Err(TokenError::WrongNode { .. })));
+        assert!(matches!(
+            s.redeem(&t, "edge-b"),
+            Err(TokenError::WrongNode { .. })
+        ));
         assert_eq!(s.redeem(&t, "edge-a").unwrap(), "edge-a");
         assert_eq!(s.redeem(&t, "edge-a"), Err(TokenError::Used(id.clone())));
-        assert_eq!(s.redeem(&format!("{id}.{}", "0".repeat(32)), "edge-a"), Err(TokenError::Unknown(id)));
+        assert_eq!(
+            s.redeem(&format!("{id}.{}", "0".repeat(32)), "edge-a"),
+            Err(TokenError::Unknown(id))
+        );
         assert_eq!(s.redeem("nonsense", "edge-a"), Err(TokenError::Malformed));
         let old = s.create("edge-c", Duration::ZERO).unwrap();
-        assert!(matches!(s.redeem(&old, "edge-c"), Err(TokenError::Expired { .. })));
+        assert!(matches!(
+            s.redeem(&old, "edge-c"),
+            Err(TokenError::Expired { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

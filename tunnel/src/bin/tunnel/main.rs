@@ -4,12 +4,7 @@ mod agent_cmd;
 mod pki_cmd;
 mod server_cmd;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -123,7 +118,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let rt = match cli.threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         0 => tokio::runtime::Runtime::new(),
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)

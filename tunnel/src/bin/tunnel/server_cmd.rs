@@ -138,7 +138,11 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
             .await
         });
     }
-    tokio::spawn(follow_node_table(server.clone(), a.node_table.clone(), stop.clone()));
+    tokio::spawn(follow_node_table(
+        server.clone(),
+        a.node_table.clone(),
+        stop.clone(),
+    ));
     // Certificates and CA bundle reload without a restart (new sessions use them).
     let p = pki.clone();
     tokio::spawn(tls::follow_files(
