@@ -9,4 +9,5 @@
 pub mod ca;
 pub mod enroll;
 pub mod material;
+pub mod secret;
 pub mod token;

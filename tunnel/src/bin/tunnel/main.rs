@@ -85,7 +85,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: pki_cmd::TokenCmd,
     },
-    /// The tunnel CA kept by `server --ca-dir`.
+    /// The tunnel CA kept by `server --ca-dir` or `--ca-secret`.
     Ca {
         #[command(subcommand)]
         cmd: pki_cmd::CaCmd,
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             Cmd::Server(a) => server_cmd::run(*a, shutdown_on_signal()).await,
             Cmd::Agent(a) => agent_cmd::run(*a, shutdown_on_signal()).await,
             Cmd::Token { cmd } => pki_cmd::token(cmd),
-            Cmd::Ca { cmd } => pki_cmd::ca(cmd),
+            Cmd::Ca { cmd } => pki_cmd::ca(cmd).await,
         }
     });
     match result {

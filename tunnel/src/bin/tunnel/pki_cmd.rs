@@ -2,7 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Subcommand;
-use tunnel::pki::{ca::CaDir, token::TokenStore};
+use tunnel::pki::{ca::CaDir, secret::SecretCa, token::TokenStore};
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
@@ -20,25 +20,28 @@ pub enum TokenCmd {
     },
 }
 
+/// Where the CA is: exactly one of a directory or a Secret.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["ca_dir", "secret"])))]
+pub struct CaPlace {
+    /// The server's --ca-dir (embedded mode).
+    #[arg(long, env = "TUNNEL_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// The server's --ca-secret, `namespace/name` (cluster mode).
+    #[arg(long, env = "TUNNEL_CA_SECRET")]
+    secret: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum CaCmd {
-    /// Create the CA in --ca-dir if there is none (the server also does this on start).
-    Init {
-        #[arg(long, env = "TUNNEL_CA_DIR")]
-        ca_dir: PathBuf,
-    },
+    /// Create the CA if there is none (the server also does this on start).
+    Init(CaPlace),
     /// Start a rotation: a new CA signs new certificates; the old one stays trusted (and signs
-    /// the servers' certificate) until `finish-rotation`. Servers reload within seconds;
-    /// agents pick up the new bundle when they next renew.
-    Rotate {
-        #[arg(long, env = "TUNNEL_CA_DIR")]
-        ca_dir: PathBuf,
-    },
+    /// the servers' certificate) until `finish-rotation`. Servers reload on their own; agents
+    /// pick up the new bundle when they next renew.
+    Rotate(CaPlace),
     /// End a rotation once every agent has renewed: the old CA is no longer trusted.
-    FinishRotation {
-        #[arg(long, env = "TUNNEL_CA_DIR")]
-        ca_dir: PathBuf,
-    },
+    FinishRotation(CaPlace),
 }
 
 pub fn token(cmd: TokenCmd) -> Result<(), String> {
@@ -60,21 +63,40 @@ pub fn token(cmd: TokenCmd) -> Result<(), String> {
     }
 }
 
-pub fn ca(cmd: CaCmd) -> Result<(), String> {
-    let result = match &cmd {
-        CaCmd::Init { ca_dir } => CaDir::new(ca_dir).ensure().map(|created| {
-            println!(
-                "{} {}",
-                if created { "created" } else { "already present:" },
-                ca_dir.join("ca.crt").display()
-            )
-        }),
-        CaCmd::Rotate { ca_dir } => CaDir::new(ca_dir).rotate().map(|()| {
-            println!("rotation started: new CA in {}; the previous one stays trusted until `tunnel ca finish-rotation`", ca_dir.display())
-        }),
-        CaCmd::FinishRotation { ca_dir } => CaDir::new(ca_dir)
-            .finish_rotation()
-            .map(|()| println!("rotation finished: only {} is trusted", ca_dir.join("ca.crt").display())),
+pub async fn ca(cmd: CaCmd) -> Result<(), String> {
+    let (place, op): (&CaPlace, fn(&CaDir) -> tunnel::Result<()>) = match &cmd {
+        CaCmd::Init(p) => (p, |d| d.ensure().map(drop)),
+        CaCmd::Rotate(p) => (p, CaDir::rotate),
+        CaCmd::FinishRotation(p) => (p, CaDir::finish_rotation),
     };
-    result.map_err(|e| e.to_string())
+    let done = match (&place.ca_dir, &place.secret) {
+        (Some(dir), _) => op(&CaDir::new(dir)).map(|()| dir.display().to_string()),
+        (None, Some(spec)) => {
+            let (ns, name) = spec
+                .split_once('/')
+                .ok_or_else(|| format!("--secret {spec:?}: expected namespace/name"))?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| format!("no Kubernetes client configuration: {e}"))?;
+            let s = SecretCa::new(client, ns, name);
+            if matches!(cmd, CaCmd::Init(_)) {
+                s.ensure().await.map(drop)
+            } else {
+                s.update(op).await
+            }
+            .map(|()| format!("Secret {spec}"))
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let what = done.map_err(|e| e.to_string())?;
+    println!(
+        "{}: {what}",
+        match cmd {
+            CaCmd::Init(_) => "CA present",
+            CaCmd::Rotate(_) =>
+                "rotation started (the previous CA stays trusted until `tunnel ca finish-rotation`)",
+            CaCmd::FinishRotation(_) => "rotation finished (only the current CA is trusted)",
+        }
+    );
+    Ok(())
 }

@@ -14,6 +14,7 @@ use tunnel::{
         ca::CaDir,
         enroll::{self, Enroller},
         material::ServerPki,
+        secret::SecretCa,
         token::TokenStore,
     },
     server::{Routes, Server, ServerConfig},
@@ -30,6 +31,11 @@ pub struct ServerArgs {
     /// issue this server's certificate from it, instead of --ca/--cert/--key.
     #[arg(long, env = "TUNNEL_CA_DIR")]
     ca_dir: Option<PathBuf>,
+    /// Keep the tunnel CA in this Kubernetes Secret, `namespace/name` (created by the first
+    /// server to start), mirrored into --ca-dir (a private directory, e.g. an emptyDir) and
+    /// followed there, so a rotation reaches every master without a restart.
+    #[arg(long, env = "TUNNEL_CA_SECRET", requires = "ca_dir")]
+    ca_secret: Option<String>,
     /// With --ca-dir: every name and address agents dial, comma separated (the server
     /// certificate's SANs).
     #[arg(long, env = "TUNNEL_SERVER_NAMES", value_delimiter = ',')]
@@ -73,7 +79,47 @@ fn lifetime(hours: f64) -> Result<Duration, String> {
     }
 }
 
-fn pki(a: &ServerArgs) -> Result<ServerPki, String> {
+/// How often the CA Secret is mirrored again.
+const SECRET_RESYNC: Duration = Duration::from_secs(30);
+
+/// With --ca-secret: makes sure the Secret exists, mirrors it into `dir`, and keeps mirroring.
+async fn mirror_secret(
+    spec: &str,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let (ns, name) = spec
+        .split_once('/')
+        .ok_or_else(|| format!("--ca-secret {spec:?}: expected namespace/name"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("--ca-secret: no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {e}"))?;
+    let secret = SecretCa::new(client, ns, name);
+    if secret.ensure().await.map_err(|e| e.to_string())? {
+        tracing::info!(secret = %spec, "created the tunnel CA");
+    }
+    secret.pull(dir).await.map_err(|e| e.to_string())?;
+    let (dir, stop) = (dir.to_owned(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SECRET_RESYNC) => {}
+            }
+            match secret.pull(&dir).await {
+                Ok(true) => tracing::info!("tunnel CA changed in its Secret; reloading"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("mirroring the CA Secret (keeping the last copy): {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn pki(a: &ServerArgs, stop: &CancellationToken) -> Result<ServerPki, String> {
+    if let (Some(spec), Some(dir)) = (&a.ca_secret, &a.ca_dir) {
+        mirror_secret(spec, dir, stop).await?;
+    }
     match &a.ca_dir {
         Some(dir) => {
             let ca = CaDir::new(dir);
@@ -94,7 +140,7 @@ fn pki(a: &ServerArgs) -> Result<ServerPki, String> {
 }
 
 pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
-    let pki = Arc::new(pki(&a)?);
+    let pki = Arc::new(pki(&a, &stop).await?);
     let mut cfg = ServerConfig::new(pki.agents_config().map_err(|e| e.to_string())?);
     cfg.keepalive = a.common.keepalive()?;
     let agents_tls = cfg.tls.clone();
