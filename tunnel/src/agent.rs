@@ -268,6 +268,7 @@ async fn session(
                 // GOAWAY: the server opens no new stream here; open ones finish, which
                 // needs the connection polled (below) until it closes.
                 conn.graceful_shutdown();
+                stats.sessions_drained.inc();
                 draining = true;
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.drain_timeout);
                 tracing::info!(server = %server, "session draining (GOAWAY sent)");

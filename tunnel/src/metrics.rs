@@ -89,6 +89,8 @@ impl ServerMetrics {
 pub struct AgentMetrics {
     pub sessions: Gauge,
     pub sessions_established: Counter,
+    /// Sessions sent GOAWAY to drain (certificate rotation, shutdown).
+    pub sessions_drained: Counter,
     pub streams_open: Gauge,
     pub streams_total: Counter,
     pub bytes: Family<Direction, Counter>,
@@ -107,6 +109,11 @@ impl AgentMetrics {
             "tunnel_agent_sessions_established",
             "Server sessions established",
             self.sessions_established.clone(),
+        );
+        r.register(
+            "tunnel_agent_sessions_drained",
+            "Server sessions drained with GOAWAY (certificate rotation, shutdown)",
+            self.sessions_drained.clone(),
         );
         r.register(
             "tunnel_agent_streams_open",

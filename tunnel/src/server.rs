@@ -244,6 +244,12 @@ impl Server {
             .await
             .map_err(|e| Error::h2(format!("handshake with agent {node}"), e))?;
         let id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
+        // Held for the connection's life: h2 closes a client connection once every handle is
+        // gone, so without this a newer session of the node (a certificate rotation, a second
+        // replica of the agent) replacing this one in the map would close it, and two sessions
+        // of one node would keep closing each other. A replaced session stays up, takes no new
+        // streams, and ends when the agent drains it (GOAWAY) or its keepalive fails.
+        let _held = send.clone();
         self.0
             .sessions
             .lock()

@@ -15,7 +15,8 @@ use crate::{
     identity,
     pki::{
         ca::{BACKDATE, CaDir, node_csr},
-        enroll::{AgentFiles, request},
+        csr_api,
+        enroll::{AgentFiles, Issued, request},
     },
     tls::{self, Live, PemFiles},
 };
@@ -84,16 +85,88 @@ pub enum AgentPki {
         cert: PathBuf,
         key: PathBuf,
     },
-    /// Enrolled at the server's enrollment endpoint and renewed there; kept in `files`.
+    /// Enrolled and renewed through `via`; kept in `files`.
     Enrolled {
         files: AgentFiles,
-        /// The CA that authenticates the enrollment endpoint before the agent has a bundle.
+        /// The CA bundle that authenticates the servers before the agent has one of its own.
         bootstrap_ca: PathBuf,
-        /// The enrollment endpoint, `host:port`.
-        endpoint: String,
-        /// A bootstrap token, needed only when there is no usable certificate yet.
-        token: Option<String>,
+        via: Enrollment,
     },
+}
+
+/// How an agent gets its certificates.
+pub enum Enrollment {
+    /// The servers' enrollment endpoint (`host:port`): a bootstrap token for the first
+    /// certificate, the current certificate for renewals.
+    Endpoint {
+        endpoint: String,
+        token: Option<String>,
+        server_name: ServerName<'static>,
+    },
+    /// The Kubernetes CSR API, as the agent pod's service account ([`csr_api`]).
+    CsrApi {
+        client: kube::Client,
+        lifetime: Duration,
+    },
+}
+
+impl Enrollment {
+    /// A certificate for a new key: `current` is the agent's live config (None when it has no
+    /// certificate yet).
+    async fn issue(
+        &self,
+        node: &str,
+        bootstrap_ca: &std::path::Path,
+        current: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<(String, Issued)> {
+        let (csr, key) = node_csr(node)?;
+        let issued = match self {
+            Enrollment::Endpoint {
+                endpoint,
+                token,
+                server_name,
+            } => match current {
+                Some(tls) => {
+                    request(endpoint, server_name.clone(), tls, "/v1/renew", None, &csr).await?
+                }
+                None => {
+                    let token = token.as_deref().ok_or_else(|| {
+                        Error::Identity(format!(
+                            "no usable certificate and no bootstrap token: create one on a master with `tunnel token create --node {node}` and pass it with --token"
+                        ))
+                    })?;
+                    let ca = PemFiles::load_certs(bootstrap_ca)?;
+                    let anon = tls::anonymous_client_config(&ca)?;
+                    request(
+                        endpoint,
+                        server_name.clone(),
+                        anon,
+                        "/v1/enroll",
+                        Some(token),
+                        &csr,
+                    )
+                    .await?
+                }
+            },
+            Enrollment::CsrApi { client, lifetime } => {
+                let certificate = csr_api::request(
+                    client.clone(),
+                    node,
+                    &csr,
+                    *lifetime,
+                    Duration::from_secs(300),
+                )
+                .await?;
+                let ca_bundle = std::fs::read_to_string(bootstrap_ca)
+                    .map_err(|e| Error::io(format!("reading {}", bootstrap_ca.display()), e))?;
+                Issued {
+                    certificate,
+                    ca_bundle,
+                }
+            }
+        };
+        Ok((key, issued))
+    }
 }
 
 /// Validity of a PEM certificate: (not before, not after).
@@ -129,12 +202,11 @@ impl AgentPki {
 
     /// Makes sure a usable certificate for `node` is in place: enrolls with the bootstrap
     /// token when there is none, it expired, or it names another node.
-    pub async fn prepare(&self, node: &str, server_name: &ServerName<'static>) -> Result<()> {
+    pub async fn prepare(&self, node: &str) -> Result<()> {
         let AgentPki::Enrolled {
             files,
             bootstrap_ca,
-            endpoint,
-            token,
+            via,
         } = self
         else {
             return Ok(());
@@ -148,23 +220,10 @@ impl AgentPki {
         if usable.is_some() {
             return Ok(());
         }
-        let token = token.as_deref().ok_or_else(|| {
-            Error::Identity(format!(
-                "no usable certificate in {} and no bootstrap token: create one on a master with `tunnel token create --node {node}` and pass it with --token",
-                files.dir.display()
-            ))
-        })?;
-        let ca = PemFiles::load_certs(bootstrap_ca)?;
-        let (csr, key) = node_csr(node)?;
-        let issued = request(
-            endpoint,
-            server_name.clone(),
-            tls::anonymous_client_config(&ca)?,
-            "/v1/enroll",
-            Some(token),
-            &csr,
-        )
-        .await?;
+        let (key, issued) = via
+            .issue(node, bootstrap_ca, None)
+            .await
+            .map_err(|e| Error::Identity(format!("enrolling into {}: {e}", files.dir.display())))?;
         files.store(&key, &issued)?;
         tracing::info!(node, dir = %files.dir.display(), "enrolled: certificate issued");
         Ok(())
@@ -175,13 +234,19 @@ impl AgentPki {
 /// one, and puts the new one in `live` (the agent then moves its sessions onto it). Retries a
 /// failed renewal with backoff while the current certificate is still valid.
 pub async fn renew_forever(
-    files: AgentFiles,
-    endpoint: String,
-    server_name: ServerName<'static>,
+    pki: Arc<AgentPki>,
     node: String,
     live: Live<rustls::ClientConfig>,
     stop: CancellationToken,
 ) {
+    let AgentPki::Enrolled {
+        files,
+        bootstrap_ca,
+        via,
+    } = &*pki
+    else {
+        return;
+    };
     let mut failures = 0u32;
     loop {
         let wait = match std::fs::read_to_string(files.cert())
@@ -210,16 +275,7 @@ pub async fn renew_forever(
             _ = tokio::time::sleep(wait) => {}
         }
         let renewed = async {
-            let (csr, key) = node_csr(&node)?;
-            let issued = request(
-                &endpoint,
-                server_name.clone(),
-                live.get(),
-                "/v1/renew",
-                None,
-                &csr,
-            )
-            .await?;
+            let (key, issued) = via.issue(&node, bootstrap_ca, Some(live.get())).await?;
             files.store(&key, &issued)?;
             let m = PemFiles::from_pem(&issued.ca_bundle, &issued.certificate, &key, "renewed")?;
             live.set(tls::agent_config(&m.ca, m.chain, m.key)?);

@@ -7,6 +7,7 @@
 //! CA signs only CSRs asking for exactly that name, and only for the node the token (or the
 //! current certificate) belongs to.
 pub mod ca;
+pub mod csr_api;
 pub mod enroll;
 pub mod material;
 pub mod secret;

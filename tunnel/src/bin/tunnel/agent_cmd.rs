@@ -6,7 +6,10 @@ use rustls_pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 use tunnel::{
     agent::{AgentConfig, AgentMetrics},
-    pki::{enroll::AgentFiles, material::AgentPki, material::renew_forever},
+    pki::{
+        enroll::AgentFiles,
+        material::{AgentPki, Enrollment, renew_forever},
+    },
     tls::{self, Live},
 };
 
@@ -27,6 +30,14 @@ pub struct AgentArgs {
     /// no usable certificate in --cert-dir.
     #[arg(long, env = "TUNNEL_TOKEN")]
     token: Option<String>,
+    /// With --cert-dir: get certificates through the Kubernetes CSR API as this pod's service
+    /// account (signer edge-redirector.io/tunnel-agent; a server runs with --csr-signer),
+    /// instead of --enroll.
+    #[arg(long, env = "TUNNEL_CSR_API", conflicts_with = "enroll")]
+    csr_api: bool,
+    /// With --csr-api: the certificate lifetime asked for, in hours.
+    #[arg(long, env = "TUNNEL_CERT_LIFETIME_HOURS", default_value_t = 24.0)]
+    cert_lifetime_hours: f64,
     /// This node's name (must match the certificate's node identity).
     #[arg(long, env = "TUNNEL_NODE_ID")]
     node_id: String,
@@ -52,19 +63,39 @@ pub struct AgentArgs {
     drain_timeout: f64,
 }
 
-fn pki(a: &AgentArgs) -> Result<AgentPki, String> {
+async fn pki(a: &AgentArgs, server_name: &ServerName<'static>) -> Result<AgentPki, String> {
     match &a.cert_dir {
-        Some(dir) => Ok(AgentPki::Enrolled {
-            files: AgentFiles { dir: dir.clone() },
-            bootstrap_ca: a.common.ca.clone().ok_or(
-                "--cert-dir needs --ca: the CA that authenticates the enrollment endpoint",
-            )?,
-            endpoint: a
-                .enroll
-                .clone()
-                .ok_or("--cert-dir needs --enroll <host:port> (the servers' --enroll-listen)")?,
-            token: a.token.clone(),
-        }),
+        Some(dir) => {
+            let via = if a.csr_api {
+                let hours = a.cert_lifetime_hours;
+                if !(hours > 0.0 && hours.is_finite()) {
+                    return Err("--cert-lifetime-hours must be a positive number".into());
+                }
+                Enrollment::CsrApi {
+                    client: kube::Client::try_default().await.map_err(|e| {
+                        format!("--csr-api: no Kubernetes client configuration (the pod's service account): {e}")
+                    })?,
+                    lifetime: Duration::from_secs_f64(hours * 3600.0),
+                }
+            } else {
+                Enrollment::Endpoint {
+                    endpoint: a.enroll.clone().ok_or(
+                        "--cert-dir needs --enroll <host:port> (the servers' --enroll-listen) or --csr-api",
+                    )?,
+                    token: a.token.clone(),
+                    server_name: server_name.clone(),
+                }
+            };
+            Ok(AgentPki::Enrolled {
+                files: AgentFiles { dir: dir.clone() },
+                bootstrap_ca: a
+                    .common
+                    .ca
+                    .clone()
+                    .ok_or("--cert-dir needs --ca: the CA bundle that authenticates the servers")?,
+                via,
+            })
+        }
         None => {
             let (ca, cert, key) = a
                 .common
@@ -81,10 +112,8 @@ pub async fn run(a: AgentArgs, stop: CancellationToken) -> Result<(), String> {
     }
     let server_name =
         ServerName::try_from(a.server_name.clone()).map_err(|e| format!("--server-name: {e}"))?;
-    let pki = Arc::new(pki(&a)?);
-    pki.prepare(&a.node_id, &server_name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let pki = Arc::new(pki(&a, &server_name).await?);
+    pki.prepare(&a.node_id).await.map_err(|e| e.to_string())?;
     let live = Live::new(pki.config().map_err(|e| e.to_string())?);
     let metrics = Arc::new(AgentMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
@@ -111,11 +140,9 @@ pub async fn run(a: AgentArgs, stop: CancellationToken) -> Result<(), String> {
         Duration::from_secs(2),
         stop.clone(),
     ));
-    if let (Some(dir), Some(endpoint)) = (&a.cert_dir, &a.enroll) {
+    if a.cert_dir.is_some() {
         tokio::spawn(renew_forever(
-            AgentFiles { dir: dir.clone() },
-            endpoint.clone(),
-            server_name.clone(),
+            pki.clone(),
             a.node_id.clone(),
             live.clone(),
             stop.clone(),
