@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel::{
     pki::{
         ca::CaDir,
+        csr_api,
         enroll::{self, Enroller},
         material::ServerPki,
         secret::SecretCa,
@@ -46,6 +47,17 @@ pub struct ServerArgs {
     /// With --enroll-listen: the bootstrap token store [default: <ca-dir>/tokens].
     #[arg(long, env = "TUNNEL_TOKENS")]
     tokens: Option<PathBuf>,
+    /// With --ca-dir: approve and sign agents' Kubernetes CSRs (signer
+    /// edge-redirector.io/tunnel-agent) whose requester runs on the node the CSR names.
+    #[arg(long, env = "TUNNEL_CSR_SIGNER", requires = "ca_dir")]
+    csr_signer: bool,
+    /// The agents' service account, `namespace/name`: the only requester --csr-signer accepts.
+    #[arg(
+        long,
+        env = "TUNNEL_AGENT_SERVICE_ACCOUNT",
+        default_value = "edge-redirector/edge-redirector-agent"
+    )]
+    agent_service_account: String,
     /// Lifetime of issued certificates, in hours (agents renew at two thirds).
     #[arg(long, env = "TUNNEL_CERT_LIFETIME_HOURS", default_value_t = 24.0)]
     cert_lifetime_hours: f64,
@@ -201,6 +213,9 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
     if let Some(at) = a.enroll_listen {
         start_enrollment(&a, &pki, at, &stop).await?;
     }
+    if a.csr_signer {
+        start_csr_signer(&a, &stop).await?;
+    }
     tracing::info!(agent_listen = %a.agent_listen, host_ingress = %a.host_ingress, pod_ingress = ?a.pod_ingress, metrics = %metrics_at, enroll = ?a.enroll_listen, "tunnel server ready");
     // Sessions outlive the stop signal until in-flight streams drain (bounded): a rolling
     // restart of the masters does not cut a running `kubectl exec`.
@@ -245,6 +260,30 @@ async fn start_enrollment(
         listener,
         Arc::new(move || live.get()),
         enroller,
+        stop.clone(),
+    ));
+    Ok(())
+}
+
+async fn start_csr_signer(a: &ServerArgs, stop: &CancellationToken) -> Result<(), String> {
+    let dir = a.ca_dir.clone().ok_or("--csr-signer needs --ca-dir")?;
+    let (ns, sa) = a.agent_service_account.split_once('/').ok_or_else(|| {
+        format!(
+            "--agent-service-account {:?}: expected namespace/name",
+            a.agent_service_account
+        )
+    })?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("--csr-signer: no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {e}")
+    })?;
+    let policy = csr_api::Policy {
+        agent_user: format!("system:serviceaccount:{ns}:{sa}"),
+        lifetime: lifetime(a.cert_lifetime_hours)?,
+    };
+    tokio::spawn(csr_api::run_signer(
+        client,
+        CaDir::new(&dir),
+        policy,
         stop.clone(),
     ));
     Ok(())
