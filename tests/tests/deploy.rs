@@ -9,6 +9,7 @@ use std::{
 };
 
 use redirector::node_table::NodeTable;
+use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -243,28 +244,44 @@ fn make_certs_script_issues_certificates_the_tunnel_accepts() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Least privilege: no pod mounts an API token except through the sync-nodes container's own
-/// volume, and the only Roles are the sync's.
+/// Least privilege: the master pod mounts an API token only into the containers that call the
+/// API (sync-nodes, tunnel-server), never into the privileged redirector; the agent pod's
+/// token can only file and read CSRs.
 #[test]
-fn only_the_node_sync_gets_an_api_token() {
+fn api_tokens_only_where_the_api_is_used() {
     let docs = documents(&manifests());
-    for d in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
-        let pod = &d["spec"]["template"]["spec"];
-        assert_eq!(
-            pod["automountServiceAccountToken"], false,
-            "{}",
-            d["metadata"]["name"]
-        );
-        let all = pod["containers"].as_array().unwrap().iter();
-        for c in all.chain(pod["initContainers"].as_array().into_iter().flatten()) {
-            let token = c["volumeMounts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["name"] == "api-token");
-            assert_eq!(token, c["name"] == "sync-nodes", "{}", c["name"]);
-        }
+    let ds = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
+            .unwrap()["spec"]["template"]["spec"]
+            .clone()
+    };
+    let master = ds("edge-redirector-master");
+    assert_eq!(master["automountServiceAccountToken"], false);
+    let all = master["containers"].as_array().unwrap().iter();
+    for c in all.chain(master["initContainers"].as_array().into_iter().flatten()) {
+        let token = c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == "api-token");
+        let uses_api = c["name"] == "sync-nodes" || c["name"] == "tunnel-server";
+        assert_eq!(token, uses_api, "{}", c["name"]);
     }
+    let agent_rules: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "edge-redirector-agent")
+        .flat_map(|d| d["rules"].as_array().unwrap().iter())
+        .collect();
+    assert_eq!(agent_rules.len(), 1);
+    assert_eq!(
+        agent_rules[0]["resources"],
+        serde_json::json!(["certificatesigningrequests"])
+    );
+    assert_eq!(
+        agent_rules[0]["verbs"],
+        serde_json::json!(["create", "get"])
+    );
     let subjects: BTreeSet<String> = docs
         .iter()
         .filter(|d| d["kind"].as_str().is_some_and(|k| k.ends_with("Binding")))
@@ -273,6 +290,9 @@ fn only_the_node_sync_gets_an_api_token() {
         .collect();
     assert_eq!(
         subjects,
-        BTreeSet::from(["edge-redirector-master".to_owned()])
+        BTreeSet::from([
+            "edge-redirector-master".to_owned(),
+            "edge-redirector-agent".to_owned()
+        ])
     );
 }

@@ -122,6 +122,29 @@ impl SecretCa {
         Ok(changed)
     }
 
+    /// Publishes the trusted CA certificates (no keys) in the ConfigMap `<secret>-bundle`, key
+    /// `ca.crt`, which agent pods mount as the bundle that authenticates the servers.
+    pub async fn publish_bundle(&self, bundle: &str) -> Result<()> {
+        let name = format!("{}-bundle", self.name);
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(
+            self.api.clone().into_client(),
+            self.api.namespace().unwrap_or("default"),
+        );
+        let cm = k8s_openapi::api::core::v1::ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([("ca.crt".to_owned(), bundle.to_owned())])),
+            ..Default::default()
+        };
+        let pp = kube::api::PatchParams::apply("edge-redirector-tunnel").force();
+        api.patch(&name, &pp, &kube::api::Patch::Apply(&cm))
+            .await
+            .map(drop)
+            .map_err(|e| api_err(&format!("publishing the CA bundle in ConfigMap {name}"), e))
+    }
+
     /// Applies `change` (e.g. [`CaDir::rotate`]) to the CA in the Secret: read, change a local
     /// copy, write back only if nobody wrote meanwhile (409 Conflict: read again and retry).
     pub async fn update(&self, change: impl Fn(&CaDir) -> Result<()>) -> Result<()> {

@@ -111,6 +111,14 @@ async fn mirror_secret(
         tracing::info!(secret = %spec, "created the tunnel CA");
     }
     secret.pull(dir).await.map_err(|e| e.to_string())?;
+    // Agents' pods mount the public bundle (certificates only) from a ConfigMap.
+    let publish = async |secret: &SecretCa, dir: &std::path::Path| match CaDir::new(dir).bundle() {
+        Ok(b) => secret.publish_bundle(&b).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = publish(&secret, dir).await {
+        tracing::warn!("{e}");
+    }
     let (dir, stop) = (dir.to_owned(), stop.clone());
     tokio::spawn(async move {
         loop {
@@ -119,7 +127,12 @@ async fn mirror_secret(
                 _ = tokio::time::sleep(SECRET_RESYNC) => {}
             }
             match secret.pull(&dir).await {
-                Ok(true) => tracing::info!("tunnel CA changed in its Secret; reloading"),
+                Ok(true) => {
+                    tracing::info!("tunnel CA changed in its Secret; reloading");
+                    if let Err(e) = publish(&secret, &dir).await {
+                        tracing::warn!("{e}");
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!("mirroring the CA Secret (keeping the last copy): {e}"),
             }
