@@ -131,20 +131,23 @@ pub async fn run(a: AgentArgs, stop: CancellationToken) -> Result<(), String> {
         Arc::new(move || m.sessions.get() > 0),
         stop.clone(),
     ));
-    // Files changed by the operator (or by the renewal below) move the sessions onto them.
-    let p = pki.clone();
-    tokio::spawn(tls::follow_files(
-        live.clone(),
-        pki.watched(),
-        move || p.config(),
-        Duration::from_secs(2),
-        stop.clone(),
-    ));
     if a.cert_dir.is_some() {
+        // The renewal hands the new configuration over itself (its files are written one by
+        // one, which a file watcher could catch half done).
         tokio::spawn(renew_forever(
             pki.clone(),
             a.node_id.clone(),
             live.clone(),
+            stop.clone(),
+        ));
+    } else {
+        // Operator-managed files: a change moves the sessions onto them.
+        let p = pki.clone();
+        tokio::spawn(tls::follow_files(
+            live.clone(),
+            pki.watched(),
+            move || p.config(),
+            Duration::from_secs(2),
             stop.clone(),
         ));
     }

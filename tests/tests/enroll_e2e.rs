@@ -1,0 +1,117 @@
+//! Certificates with the real binaries: `tunnel server --ca-dir` creates the CA and serves
+//! enrollment, `tunnel token create` makes a token, `tunnel agent --cert-dir --token` enrolls
+//! (its key made and kept on the node) and its session carries redirected connections; a reused
+//! token is refused with its reason. Root only.
+use std::process::Command;
+
+use redirector_tests::{LoggedProc, World, free_addr, replies, spawn::workspace_bin};
+
+fn s(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
+    let w = World::new();
+    let ca_dir = w.dir.join("tunnel-ca");
+    let tokens = ca_dir.join("tokens");
+    let (ingress, agents_at, enroll_at, metrics_at) = {
+        let _m = w.master.enter();
+        (
+            free_addr("127.0.0.1"),
+            free_addr("198.51.100.1"),
+            free_addr("198.51.100.1"),
+            free_addr("127.0.0.1"),
+        )
+    };
+    let _redirector = redirector_tests::RedirectorProc::start_with_ingress(&w, ingress, &[]);
+    let mut server = LoggedProc::spawn(
+        &w,
+        "tunnel-server",
+        &w.master,
+        "tunnel",
+        &[
+            "server",
+            "--ca-dir",
+            &s(&ca_dir),
+            "--server-names",
+            "tunnel.test,198.51.100.1",
+            "--enroll-listen",
+            &enroll_at.to_string(),
+            "--agent-listen",
+            &agents_at.to_string(),
+            "--host-ingress",
+            &ingress.to_string(),
+            "--node-table",
+            &s(&w.node_table),
+            "--pin-dir",
+            &s(&w.pin_dir),
+            "--metrics-listen",
+            &metrics_at.to_string(),
+        ],
+    );
+    server.wait_log(&["tunnel server ready"]);
+    let token = |node: &str| {
+        let out = Command::new(workspace_bin("tunnel"))
+            .args(["token", "create", "--tokens", &s(&tokens), "--node", node])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let t = token("edge-a");
+    let cert_dir = w.dir.join("agent-edge-a");
+    let agent_args = |t: &str, dir: &std::path::Path| {
+        vec![
+            "agent".to_owned(),
+            "--node-id".into(),
+            "edge-a".into(),
+            "--servers".into(),
+            agents_at.to_string(),
+            "--server-name".into(),
+            "tunnel.test".into(),
+            "--ca".into(),
+            s(&ca_dir.join("ca.crt")),
+            "--cert-dir".into(),
+            s(dir),
+            "--enroll".into(),
+            enroll_at.to_string(),
+            "--token".into(),
+            t.to_owned(),
+            "--ports".into(),
+            "10250".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+    let args = agent_args(&t, &cert_dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _agent = LoggedProc::spawn(&w, "agent-edge-a", &w.edge, "tunnel", &args);
+    server.wait_log(&["agent session up", "node=edge-a"]);
+    assert!(
+        cert_dir.join("tls.key").exists(),
+        "the key was made on the node"
+    );
+    let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
+    assert_eq!(replies(&v)[0].1, "edge 127.0.0.1:10250", "{v}");
+
+    // The same token again (another agent directory): refused, and the agent says why.
+    let args = agent_args(&t, &w.dir.join("agent-again"));
+    let out = {
+        let mut cmd = Command::new(workspace_bin("tunnel"));
+        cmd.args(&args);
+        redirector_tests::spawn::place(&mut cmd, None, Some(&w.edge));
+        cmd.output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("already used") && err.contains("create a new one"),
+        "{err}"
+    );
+    server.wait_log(&["enrollment refused", "already used"]);
+}
