@@ -224,3 +224,26 @@ pub async fn follow_files<T>(
         }
     }
 }
+
+/// Rebuilds `live` with `build` every `period` until `stop`: for configurations that issue a
+/// certificate at each build (a server's own, from the CA it keeps), so it is renewed long
+/// before it expires.
+pub async fn rebuild_every<T>(
+    live: Live<T>,
+    build: impl Fn() -> Result<Arc<T>>,
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match build() {
+            Ok(c) => live.set(c),
+            Err(e) => tracing::error!(
+                "renewing this server's certificate failed (retrying next period): {e}"
+            ),
+        }
+    }
+}

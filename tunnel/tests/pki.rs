@@ -447,3 +447,54 @@ async fn ca_rotation_trusts_both_cas_during_the_overlap_and_only_the_new_one_aft
     b.cancel();
     c.stop.cancel();
 }
+
+/// A server that issues its own certificate from the CA it keeps reissues it at a third of its
+/// lifetime: agents still connect after the first certificate has expired.
+#[tokio::test]
+async fn the_servers_own_certificate_is_reissued_before_it_expires() {
+    let dir = temp("reissue");
+    let ca = CaDir::new(&dir);
+    ca.ensure().unwrap();
+    let pki = Arc::new(ServerPki::CaDir {
+        ca: CaDir::new(&dir),
+        names: vec!["tunnel.test".into()],
+        lifetime: Duration::from_secs(3),
+    });
+    let stop = CancellationToken::new();
+    let cfg = ServerConfig::new(pki.agents_config().unwrap());
+    let live = cfg.tls.clone();
+    let server = Server::new(cfg, routes("edge-a 198.51.100.10\n"));
+    let p = pki.clone();
+    tokio::spawn(tls::rebuild_every(
+        live,
+        move || p.agents_config(),
+        pki.reissue_period().unwrap(),
+        stop.clone(),
+    ));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let (s, t) = (server.clone(), stop.clone());
+    tokio::spawn(async move { s.serve_agents(l, t).await });
+    // An agent certificate from the same CA, valid long after the server's first one.
+    let (csr, key) = node_csr("edge-a").unwrap();
+    let cert = ca
+        .current()
+        .unwrap()
+        .sign_node_csr(&csr, "edge-a", Duration::from_secs(3600))
+        .unwrap();
+    let m = tls::PemFiles::from_pem(&ca.bundle().unwrap(), &cert, &key, "test").unwrap();
+    // Past the first server certificate's expiry (3 s after issue).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let agent_tls = tls::agent_config(&m.ca, m.chain, m.key).unwrap();
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(agent_tls)
+        .connect(name(), tcp)
+        .await;
+    assert!(
+        handshake.is_ok(),
+        "server certificate not reissued: {:?}",
+        handshake.err()
+    );
+    stop.cancel();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -53,6 +53,14 @@ impl ServerPki {
         }
     }
 
+    /// How often the server's own certificate must be issued anew (None: operator-managed).
+    pub fn reissue_period(&self) -> Option<Duration> {
+        match self {
+            ServerPki::Files { .. } => None,
+            ServerPki::CaDir { lifetime, .. } => Some(*lifetime / 3),
+        }
+    }
+
     /// The files whose change means a reload.
     pub fn watched(&self) -> Vec<PathBuf> {
         match self {

@@ -214,15 +214,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         a.node_table.clone(),
         stop.clone(),
     ));
-    // Certificates and CA bundle reload without a restart (new sessions use them).
-    let p = pki.clone();
-    tokio::spawn(tls::follow_files(
-        agents_tls,
-        pki.watched(),
-        move || p.agents_config(),
-        TLS_RELOAD_INTERVAL,
-        stop.clone(),
-    ));
+    keep_current(agents_tls, &pki, ServerPki::agents_config, &stop);
     if let Some(at) = a.enroll_listen {
         start_enrollment(&a, &pki, at, &stop).await?;
     }
@@ -244,6 +236,34 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
     Ok(())
 }
 
+/// Keeps `live` current: rebuilt when the certificate or CA files change (no restart; new
+/// sessions use it), and, when the server issues its own certificate, reissued at a third of
+/// its lifetime so it never expires under a running server.
+fn keep_current(
+    live: Live<rustls::ServerConfig>,
+    pki: &Arc<ServerPki>,
+    build: fn(&ServerPki) -> tunnel::Result<Arc<rustls::ServerConfig>>,
+    stop: &CancellationToken,
+) {
+    let p = pki.clone();
+    tokio::spawn(tls::follow_files(
+        live.clone(),
+        pki.watched(),
+        move || build(&p),
+        TLS_RELOAD_INTERVAL,
+        stop.clone(),
+    ));
+    if let Some(period) = pki.reissue_period() {
+        let p = pki.clone();
+        tokio::spawn(tls::rebuild_every(
+            live,
+            move || build(&p),
+            period,
+            stop.clone(),
+        ));
+    }
+}
+
 async fn start_enrollment(
     a: &ServerArgs,
     pki: &Arc<ServerPki>,
@@ -260,14 +280,7 @@ async fn start_enrollment(
         lifetime: lifetime(a.cert_lifetime_hours)?,
     });
     let live = Live::new(pki.enrollment_config().map_err(|e| e.to_string())?);
-    let p = pki.clone();
-    tokio::spawn(tls::follow_files(
-        live.clone(),
-        pki.watched(),
-        move || p.enrollment_config(),
-        TLS_RELOAD_INTERVAL,
-        stop.clone(),
-    ));
+    keep_current(live.clone(), &pki, ServerPki::enrollment_config, stop);
     let listener = bind(at, "enrollment").await?;
     tokio::spawn(enroll::serve(
         listener,
