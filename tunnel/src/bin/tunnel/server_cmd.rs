@@ -280,7 +280,7 @@ async fn start_enrollment(
         lifetime: lifetime(a.cert_lifetime_hours)?,
     });
     let live = Live::new(pki.enrollment_config().map_err(|e| e.to_string())?);
-    keep_current(live.clone(), &pki, ServerPki::enrollment_config, stop);
+    keep_current(live.clone(), pki, ServerPki::enrollment_config, stop);
     let listener = bind(at, "enrollment").await?;
     tokio::spawn(enroll::serve(
         listener,
