@@ -12,6 +12,7 @@
 //! redirection is *seen* (it lands on an edge service, labelled `edge ...`), never lost.
 pub mod bench;
 pub mod cgroup;
+pub mod delayline;
 pub mod netns;
 pub mod pki;
 pub mod servers;

@@ -151,7 +151,10 @@ pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
         )
     };
     let redirector = crate::RedirectorProc::start_with_ingress(w, ingress, redirector_args);
-    let server = server(w, pki, ingress, agents_at, metrics_at);
+    // Agents dial `agents_at`; the server listens on every master address (a benchmark adds a
+    // second, long-RTT link to the master).
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], agents_at.port()));
+    let server = server(w, pki, ingress, any, metrics_at);
     Stack {
         ingress,
         agents_at,

@@ -22,14 +22,27 @@ impl Default for Keepalive {
     }
 }
 
-/// Pings until the peer fails to answer; returns why. `rtt_us` holds the last round trip.
-pub async fn run(mut pp: h2::PingPong, ka: Keepalive, rtt_us: &Gauge) -> String {
+/// Pings until the peer fails to answer; returns why. The first PING goes out at once, so the
+/// session learns its round-trip time (and sizes its stream windows, see [`stream_window`])
+/// within one RTT; `rtt` receives every measurement, `rtt_us` holds the last.
+pub async fn run(
+    mut pp: h2::PingPong,
+    ka: Keepalive,
+    rtt_us: &Gauge,
+    rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+) -> String {
+    let mut first = true;
     loop {
-        tokio::time::sleep(ka.interval).await;
+        if !first {
+            tokio::time::sleep(ka.interval).await;
+        }
+        first = false;
         let start = Instant::now();
         match tokio::time::timeout(ka.timeout, pp.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {
-                rtt_us.set(start.elapsed().as_micros() as i64);
+                let took = start.elapsed();
+                rtt_us.set(took.as_micros() as i64);
+                rtt.send_replace(Some(took));
             }
             Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
             Err(_) => {
@@ -39,5 +52,41 @@ pub async fn run(mut pp: h2::PingPong, ka: Keepalive, rtt_us: &Gauge) -> String 
                 );
             }
         }
+    }
+}
+
+/// What one stream should be able to carry on a long link before its window, not the link,
+/// limits it (bytes per second; 2.5 Gbit/s).
+const STREAM_RATE: f64 = 312.5e6;
+/// The largest per-stream window: the most one stalled reader can make a session buffer.
+pub const MAX_STREAM_WINDOW: u32 = 16 << 20;
+
+/// The per-stream receive window for a session with round-trip time `rtt`: at least `base`,
+/// enough for one stream to reach [`STREAM_RATE`] over that RTT (its bandwidth-delay
+/// product), at most [`MAX_STREAM_WINDOW`]. On a LAN or loopback this stays `base`; at 50 ms it
+/// is 15.6 MB, so a long edge link does not cap a stream at `base` / RTT.
+pub fn stream_window(rtt: Duration, base: u32) -> u32 {
+    let bdp = (rtt.as_secs_f64() * STREAM_RATE) as u64;
+    bdp.clamp(u64::from(base), u64::from(MAX_STREAM_WINDOW.max(base))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_the_bandwidth_delay_product_within_bounds() {
+        let base = 1 << 20;
+        assert_eq!(stream_window(Duration::from_micros(100), base), base);
+        assert_eq!(stream_window(Duration::from_millis(10), base), 3_125_000);
+        assert_eq!(stream_window(Duration::from_millis(50), base), 15_625_000);
+        assert_eq!(
+            stream_window(Duration::from_millis(100), base),
+            MAX_STREAM_WINDOW
+        );
+        assert_eq!(
+            stream_window(Duration::from_secs(2), base),
+            MAX_STREAM_WINDOW
+        );
     }
 }

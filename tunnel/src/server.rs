@@ -262,14 +262,36 @@ impl Server {
             .set(self.0.sessions.lock().unwrap().len() as i64);
         tracing::info!(node = %node, %peer, session = id, "agent session up");
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
-        let ka = crate::keepalive::run(pings, self.0.cfg.keepalive, &self.0.stats.keepalive_rtt_us);
-        let r = tokio::select! {
-            r = conn => r.map_err(|e| Error::h2(format!("session of {node}"), e)),
-            why = ka => {
-                self.0.stats.sessions_dead.inc();
-                Err(Error::Refused(format!("session of {node} is dead: {why}")))
+        let (rtt_tx, mut rtt_rx) = tokio::sync::watch::channel(None);
+        let ka = crate::keepalive::run(
+            pings,
+            self.0.cfg.keepalive,
+            &self.0.stats.keepalive_rtt_us,
+            &rtt_tx,
+        );
+        tokio::pin!(ka);
+        let mut window = self.0.cfg.stream_window;
+        let r = loop {
+            tokio::select! {
+                r = &mut conn => break r.map_err(|e| Error::h2(format!("session of {node}"), e)),
+                why = &mut ka => {
+                    self.0.stats.sessions_dead.inc();
+                    break Err(Error::Refused(format!("session of {node} is dead: {why}")));
+                }
+                _ = shutdown.cancelled() => break Ok(()),
+                Ok(()) = rtt_rx.changed() => {
+                    // Streams' receive windows follow the link's bandwidth-delay product.
+                    let rtt = (*rtt_rx.borrow_and_update()).unwrap_or_default();
+                    let w = crate::keepalive::stream_window(rtt, self.0.cfg.stream_window);
+                    if w != window {
+                        window = w;
+                        match conn.set_initial_window_size(w) {
+                            Ok(()) => tracing::info!(node = %node, ?rtt, window = w, "stream windows sized for the link"),
+                            Err(e) => tracing::warn!(node = %node, "resizing stream windows: {e}"),
+                        }
+                    }
+                }
             }
-            _ = shutdown.cancelled() => Ok(()),
         };
         let mut sessions = self.0.sessions.lock().unwrap();
         // A newer session of the same node may have replaced this one already.

@@ -45,6 +45,9 @@ struct Cli {
     /// Idle streams for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// MiB uploaded per measurement at 50 ms RTT.
+    #[arg(long, default_value_t = 128)]
+    rtt_mib: usize,
     #[arg(long, default_value = "target/bench/tunnel.json")]
     out: PathBuf,
 }
@@ -131,6 +134,90 @@ fn client(cmd: ClientCmd) -> Result<()> {
     Ok(())
 }
 
+/// Reads each connection to its end, then answers the byte count (8 bytes, big endian).
+fn discard_service(l: TcpListener) {
+    thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut c = c;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = c.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+}
+
+/// One stream's upload throughput at 50 ms RTT: a direct TCP connection across a delayed link
+/// (see `delayline`: this kernel has no sch_netem) and the tunnel whose agent session crosses
+/// the same link, side by side per round. Returns (direct, tunnel) medians in MB/s.
+fn long_rtt(
+    w: &World,
+    pki: &TestPki,
+    st: &mut tunnel_procs::Stack,
+    svc: &Services,
+    ports: &str,
+    mib: usize,
+    rounds: usize,
+) -> Result<(f64, f64)> {
+    let _link = redirector_tests::delayline::DelayLink::new(
+        &w.master,
+        "192.0.2.1/30",
+        &w.edge,
+        "192.0.2.2/30",
+        Duration::from_millis(25),
+    );
+    let direct = {
+        let _e = w.edge.enter();
+        let l = redirector_tests::servers::listen("192.0.2.2:0".parse().unwrap());
+        let at = l.local_addr()?;
+        discard_service(l);
+        at
+    };
+    // A node whose agent reaches the server only across the delayed link.
+    let mut table = std::fs::read_to_string(&w.node_table)?;
+    table.push_str("edge-rtt 198.51.100.20\n");
+    std::fs::write(&w.node_table, table)?;
+    thread::sleep(Duration::from_millis(1500)); // the redirector and the server reload it
+    let _agent = tunnel_procs::agent(
+        w,
+        pki,
+        &mut st.server,
+        "edge-rtt",
+        SocketAddr::from(([192, 0, 2, 1], st.agents_at.port())),
+        ports,
+        "127.0.0.1",
+    );
+    let tunnel = SocketAddr::from(([198, 51, 100, 20], svc.discard));
+    let bytes = (mib as u64) << 20;
+    let up = |target: SocketAddr, cg: Option<&redirector_tests::TestCgroup>| -> Result<f64> {
+        let args = [
+            "upload".into(),
+            target.to_string(),
+            bytes.to_string(),
+            "1".into(),
+        ];
+        let secs: f64 = run_client(&w.master, cg, &args)?.trim().parse()?;
+        Ok(bytes as f64 / secs / 1e6)
+    };
+    let (mut d, mut t) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        eprintln!(
+            "bench: round {} of {rounds}: one stream at 50 ms RTT",
+            r + 1
+        );
+        d.push(up(direct, None)?);
+        t.push(up(tunnel, Some(&w.cgroup))?);
+    }
+    Ok((median(d), median(t)))
+}
+
 /// The edge services, one port each: 1-byte echo, discard-and-count, firehose, hold.
 struct Services {
     echo: u16,
@@ -159,22 +246,7 @@ fn services(edge: &Netns) -> Services {
             }
         }
     });
-    thread::spawn(move || {
-        for c in discard.incoming().flatten() {
-            thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = c.write_all(&total.to_be_bytes());
-            });
-        }
-    });
+    discard_service(discard);
     thread::spawn(move || {
         for c in firehose.incoming().flatten() {
             thread::spawn(move || {
@@ -419,7 +491,14 @@ fn main() -> Result<()> {
     }
     drop(rathole_procs);
     print_table(&results);
-    let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "rounds": cli.rounds, "idle_streams": cli.idle, "results": results});
+    let (direct_rtt, tunnel_rtt) =
+        long_rtt(&w, &pki, &mut st, &svc, &ports, cli.rtt_mib, cli.rounds)?;
+    println!(
+        "\none stream at 50 ms RTT (delayed link): direct TCP {direct_rtt:.1} MB/s | edge-redirector {tunnel_rtt:.1} MB/s ({:.0}% of direct)",
+        100.0 * tunnel_rtt / direct_rtt
+    );
+    let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "rounds": cli.rounds, "idle_streams": cli.idle, "results": results,
+        "rtt_50ms_single_stream": {"direct_MBps": direct_rtt, "tunnel_MBps": tunnel_rtt, "ratio": tunnel_rtt / direct_rtt, "mib": cli.rtt_mib}});
     write_report(&cli.out, &out)
 }
 
