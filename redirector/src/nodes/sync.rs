@@ -204,12 +204,20 @@ fn write_if_changed(path: &Path, text: &str) -> Result<bool, String> {
 struct Reported(BTreeSet<String>);
 
 impl Reported {
-    /// Whether `key` is new; forgets keys not in `current`.
-    fn fresh(&mut self, key: &str) -> bool {
-        self.0.insert(key.to_owned())
-    }
-    fn keep_only(&mut self, current: &BTreeSet<String>) {
-        self.0.retain(|k| current.contains(k));
+    /// The outcome's problems not reported yet, each logged once: (node, reason, note). A
+    /// problem that went away is forgotten, so it is reported again if it comes back.
+    fn fresh(&mut self, o: &Outcome, pool: &Pool) -> Vec<(String, &'static str, String)> {
+        let mut current = BTreeSet::new();
+        let mut new = Vec::new();
+        for (n, r, note, key) in notices(o, pool) {
+            if !self.0.contains(&key) {
+                tracing::warn!(node = %n, reason = r, "{note}");
+                new.push((n, r, note));
+            }
+            current.insert(key);
+        }
+        self.0 = current;
+        new
     }
 }
 
@@ -283,16 +291,7 @@ pub async fn run_file(
         };
         match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
             Ok(o) => {
-                let keys: BTreeSet<String> = notices(&o, &cfg.pool)
-                    .into_iter()
-                    .map(|(n, r, note, key)| {
-                        if reported.fresh(&key) {
-                            tracing::warn!(node = %n, reason = r, "{note}");
-                        }
-                        key
-                    })
-                    .collect();
-                reported.keep_only(&keys);
+                reported.fresh(&o, &cfg.pool);
                 ready.store(true, Ordering::Relaxed);
             }
             Err(e) => {
@@ -444,15 +443,9 @@ pub async fn run_kube(
         };
         match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
             Ok(o) => {
-                let mut keys = BTreeSet::new();
-                for (n, r, note, key) in notices(&o, &cfg.pool) {
-                    if reported.fresh(&key) {
-                        tracing::warn!(node = %n, reason = r, "{note}");
-                        events.warn(&n, uid(&n), r, &note).await;
-                    }
-                    keys.insert(key);
+                for (n, r, note) in reported.fresh(&o, &cfg.pool) {
+                    events.warn(&n, uid(&n), r, &note).await;
                 }
-                reported.keep_only(&keys);
                 if let Some(name) = &k.coredns {
                     let hosts = coredns_hosts(&o.table);
                     if last_hosts.as_ref() != Some(&hosts) {
