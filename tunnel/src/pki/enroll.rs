@@ -105,7 +105,7 @@ impl Enroller {
 /// certificates: enrollment has none yet, renewal does.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>,
+    tls: crate::tls::Live<rustls::ServerConfig>,
     enroller: Arc<Enroller>,
     shutdown: CancellationToken,
 ) {
@@ -117,7 +117,7 @@ pub async fn serve(
                 Err(e) => { tracing::warn!("enrollment accept: {e}"); continue; }
             },
         };
-        let (acceptor, enroller) = (tokio_rustls::TlsAcceptor::from(tls()), enroller.clone());
+        let (acceptor, enroller) = (tokio_rustls::TlsAcceptor::from(tls.get()), enroller.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_one(acceptor, tcp, peer, enroller).await {
                 tracing::warn!(%peer, "enrollment connection: {e}");

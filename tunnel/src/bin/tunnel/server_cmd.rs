@@ -282,12 +282,7 @@ async fn start_enrollment(
     let live = Live::new(pki.enrollment_config().map_err(|e| e.to_string())?);
     keep_current(live.clone(), pki, ServerPki::enrollment_config, stop);
     let listener = bind(at, "enrollment").await?;
-    tokio::spawn(enroll::serve(
-        listener,
-        Arc::new(move || live.get()),
-        enroller,
-        stop.clone(),
-    ));
+    tokio::spawn(enroll::serve(listener, live, enroller, stop.clone()));
     Ok(())
 }
 
