@@ -143,3 +143,57 @@ fn demo_without_root_or_tools_says_what_is_missing_and_sets_nothing_up() {
         .collect();
     assert!(made.is_empty(), "namespaces made: {made:?}");
 }
+
+/// A component that fails to start (here a Prometheus that exits at once) ends the demo with
+/// one message naming it, and everything already set up is removed: namespaces, pins, cgroup.
+#[test]
+fn a_failing_component_is_named_and_everything_set_up_is_removed() {
+    redirector_tests::require_root();
+    let tools = std::env::temp_dir().join(format!("demo-fake-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&tools).unwrap();
+    let fake = tools.join("prometheus");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'prometheus: cannot start (simulated)' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(
+        "/opt/edge-redirector-demo/usr/bin/prometheus-node-exporter",
+        tools.join("prometheus-node-exporter"),
+    )
+    .unwrap();
+    let child = Command::new(redirector_tests::spawn::workspace_bin("demo"))
+        .env("EDGE_DEMO_TOOLS", &tools)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let id = child.id() % 100_000;
+    let out = child.wait_with_output().expect("demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("demo: prometheus exited (exit status: 3) before it was ready")
+            && err.contains("cannot start (simulated)")
+            && err.contains("everything it set up was removed"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked at"),
+        "a message, not a panic location: {err}"
+    );
+    let left: Vec<String> = netns_names()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("demo{id}")))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/edge-redirector-demo-{id}"));
+    assert!(!pins.exists(), "{} left", pins.display());
+    let cg = redirector::cgroup::cgroup2_mount()
+        .unwrap()
+        .join(format!("edge-redirector-demo-{id}"));
+    assert!(!cg.exists(), "{} left", cg.display());
+    std::fs::remove_dir_all(&tools).unwrap();
+}

@@ -54,7 +54,17 @@ fn main() {
         // SAFETY: the handler only stores an atomic flag.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
-    // A failure inside unwinds through every guard (processes, pins, cgroup, namespaces).
+    // A failure inside unwinds through every guard (processes, pins, cgroup, namespaces); the
+    // newcomer sees what failed, not a Rust panic location.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        eprintln!("demo: {what}");
+    }));
     let result = std::panic::catch_unwind(|| run(&tools, keep));
     match result {
         Ok(true) => say("demo: every check passed"),
