@@ -144,6 +144,16 @@ impl Cluster {
     }
 }
 
+/// One redirected connection to edge-a's greeting service on `port`: sends `payload`,
+/// half-closes, returns everything it got back.
+async fn exchange(server: &Server, port: u16, payload: &[u8]) -> Vec<u8> {
+    let (mut client, _t) =
+        redirected(server, format!("198.51.100.10:{port}").parse().unwrap()).await;
+    client.write_all(payload).await.unwrap();
+    client.shutdown().await.unwrap();
+    read_all(&mut client).await.unwrap()
+}
+
 fn name() -> ServerName<'static> {
     ServerName::try_from("tunnel.test").unwrap()
 }
@@ -182,11 +192,7 @@ async fn an_agent_enrolls_with_a_token_and_its_session_carries_streams() {
         "edge-a's session",
     )
     .await;
-    let (mut client, _t) =
-        redirected(&c.server, format!("198.51.100.10:{port}").parse().unwrap()).await;
-    client.write_all(b"hi").await.unwrap();
-    client.shutdown().await.unwrap();
-    assert_eq!(read_all(&mut client).await.unwrap(), b"edge-a\nhibye 2\n");
+    assert_eq!(exchange(&c.server, port, b"hi").await, b"edge-a\nhibye 2\n");
     stop.cancel();
     c.stop.cancel();
 }
@@ -359,11 +365,7 @@ async fn renewal_moves_sessions_onto_the_new_certificate_without_dropping_a_stre
     assert_ne!(std::fs::read_to_string(files.cert()).unwrap(), first_cert);
     assert!(accepted() >= 2, "sessions accepted: {}", accepted());
     assert!(stats.sessions_established.get() >= 2);
-    let (mut again, _t) =
-        redirected(&c.server, format!("198.51.100.10:{port}").parse().unwrap()).await;
-    again.write_all(b"x").await.unwrap();
-    again.shutdown().await.unwrap();
-    assert_eq!(read_all(&mut again).await.unwrap(), b"edge-a\nxbye 1\n");
+    assert_eq!(exchange(&c.server, port, b"x").await, b"edge-a\nxbye 1\n");
     stop.cancel();
     c.stop.cancel();
 }

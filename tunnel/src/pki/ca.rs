@@ -92,13 +92,7 @@ impl Authority {
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| Error::Identity(format!("malformed CSR: {e}")))?;
-        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
-        p.distinguished_name
-            .push(DnType::CommonName, format!("edge-redirector agent {node}"));
-        p.subject_alt_names =
-            vec![SanType::URI(identity::node_uri(node).try_into().map_err(
-                |_| Error::Identity(format!("{node:?} is not a valid node name")),
-            )?)];
+        let mut p = agent_params(node)?;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut p, lifetime);
@@ -154,15 +148,22 @@ pub fn csr_node(csr_pem: &str) -> Result<String> {
     }
 }
 
-/// A new key and a CSR for `node` (what an agent sends; the key stays with it).
-pub fn node_csr(node: &str) -> Result<(String, String)> {
+/// An agent certificate's subject: a common name for people, and the one URI SAN that is the
+/// node's identity.
+fn agent_params(node: &str) -> Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     p.distinguished_name
         .push(DnType::CommonName, format!("edge-redirector agent {node}"));
-    p.subject_alt_names =
-        vec![SanType::URI(identity::node_uri(node).try_into().map_err(
-            |_| Error::Identity(format!("{node:?} is not a valid node name")),
-        )?)];
+    let uri = identity::node_uri(node)
+        .try_into()
+        .map_err(|_| Error::Identity(format!("{node:?} is not a valid node name")))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    Ok(p)
+}
+
+/// A new key and a CSR for `node` (what an agent sends; the key stays with it).
+pub fn node_csr(node: &str) -> Result<(String, String)> {
+    let p = agent_params(node)?;
     let key = KeyPair::generate().map_err(tls_err)?;
     let csr = p.serialize_request(&key).map_err(tls_err)?;
     Ok((csr.pem().map_err(tls_err)?, key.serialize_pem()))
