@@ -257,10 +257,10 @@ async fn session(
     tracing::info!(server = %server, node = %cfg.node_id, "session up");
     up.store(true, Ordering::Relaxed);
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
-    let (rtt_tx, mut rtt_rx) = tokio::sync::watch::channel(None);
+    let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
     let ka = crate::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx);
     tokio::pin!(ka);
-    let mut window = cfg.stream_window;
+    let mut windows = crate::keepalive::Windows::new(rtt_rx, cfg.stream_window);
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     let mut draining = false;
@@ -281,18 +281,9 @@ async fn session(
                 return Ok(());
             }
             why = &mut ka => return Err(Error::Refused(format!("session with {server} is dead: {why}"))),
-            Ok(()) = rtt_rx.changed() => {
+            Some((rtt, w)) = windows.resized() => {
                 // Streams' receive windows follow the link's bandwidth-delay product.
-                let rtt = (*rtt_rx.borrow_and_update()).unwrap_or_default();
-                let w = crate::keepalive::stream_window(rtt, cfg.stream_window);
-                if w != window {
-                    window = w;
-                    if let Err(e) = conn.set_initial_window_size(w) {
-                        tracing::warn!(server = %server, "resizing stream windows: {e}");
-                    } else {
-                        tracing::info!(server = %server, ?rtt, window = w, "stream windows sized for the link");
-                    }
-                }
+                crate::keepalive::log_resize(server, rtt, w, conn.set_initial_window_size(w));
                 continue;
             }
             n = conn.accept() => n,

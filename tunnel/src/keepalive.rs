@@ -70,6 +70,43 @@ pub fn stream_window(rtt: Duration, base: u32) -> u32 {
     bdp.clamp(u64::from(base), u64::from(MAX_STREAM_WINDOW.max(base))) as u32
 }
 
+/// A session's per-stream window, following the RTTs its keepalive measures.
+pub struct Windows {
+    rtt: tokio::sync::watch::Receiver<Option<Duration>>,
+    base: u32,
+    current: u32,
+}
+
+impl Windows {
+    pub fn new(rtt: tokio::sync::watch::Receiver<Option<Duration>>, base: u32) -> Self {
+        Self {
+            rtt,
+            base,
+            current: base,
+        }
+    }
+
+    /// Waits for the next RTT measurement; the RTT and the new window when the window changes
+    /// (None otherwise, or once the keepalive has ended).
+    pub async fn resized(&mut self) -> Option<(Duration, u32)> {
+        self.rtt.changed().await.ok()?;
+        let rtt = (*self.rtt.borrow_and_update()).unwrap_or_default();
+        let w = stream_window(rtt, self.base);
+        (w != self.current).then(|| {
+            self.current = w;
+            (rtt, w)
+        })
+    }
+}
+
+/// Logs the result of applying a new stream window on the session with `peer`.
+pub fn log_resize(peer: &str, rtt: Duration, window: u32, applied: Result<(), h2::Error>) {
+    match applied {
+        Ok(()) => tracing::info!(peer, ?rtt, window, "stream windows sized for the link"),
+        Err(e) => tracing::warn!(peer, "resizing stream windows: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

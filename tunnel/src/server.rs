@@ -262,7 +262,7 @@ impl Server {
             .set(self.0.sessions.lock().unwrap().len() as i64);
         tracing::info!(node = %node, %peer, session = id, "agent session up");
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
-        let (rtt_tx, mut rtt_rx) = tokio::sync::watch::channel(None);
+        let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
         let ka = crate::keepalive::run(
             pings,
             self.0.cfg.keepalive,
@@ -270,7 +270,7 @@ impl Server {
             &rtt_tx,
         );
         tokio::pin!(ka);
-        let mut window = self.0.cfg.stream_window;
+        let mut windows = crate::keepalive::Windows::new(rtt_rx, self.0.cfg.stream_window);
         let r = loop {
             tokio::select! {
                 r = &mut conn => break r.map_err(|e| Error::h2(format!("session of {node}"), e)),
@@ -279,17 +279,9 @@ impl Server {
                     break Err(Error::Refused(format!("session of {node} is dead: {why}")));
                 }
                 _ = shutdown.cancelled() => break Ok(()),
-                Ok(()) = rtt_rx.changed() => {
+                Some((rtt, w)) = windows.resized() => {
                     // Streams' receive windows follow the link's bandwidth-delay product.
-                    let rtt = (*rtt_rx.borrow_and_update()).unwrap_or_default();
-                    let w = crate::keepalive::stream_window(rtt, self.0.cfg.stream_window);
-                    if w != window {
-                        window = w;
-                        match conn.set_initial_window_size(w) {
-                            Ok(()) => tracing::info!(node = %node, ?rtt, window = w, "stream windows sized for the link"),
-                            Err(e) => tracing::warn!(node = %node, "resizing stream windows: {e}"),
-                        }
-                    }
+                    crate::keepalive::log_resize(&node, rtt, w, conn.set_initial_window_size(w));
                 }
             }
         };

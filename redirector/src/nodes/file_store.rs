@@ -2,9 +2,8 @@
 //! with a generation number as its version, and compared and swapped under an exclusive
 //! `flock` on a lock file beside it, so allocators in several processes stay consistent.
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::ErrorKind,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -28,22 +27,7 @@ impl FileStore {
 
     /// An exclusive lock held until the returned file is dropped.
     fn lock(&self) -> Result<File, String> {
-        let lock_path = self.path.with_extension("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("opening lock file {}: {e}", lock_path.display()))?;
-        // SAFETY: flock on an fd we own; blocks until the lock is ours.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(format!(
-                "locking {}: {}",
-                lock_path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(f)
+        crate::sys::lock_beside(&self.path)
     }
 
     fn read(&self) -> Result<(Allocations, String), String> {

@@ -5,8 +5,7 @@
 //! grants nothing. Redeeming checks node, expiry and single use under an exclusive lock and
 //! marks the token used in the same step.
 use std::{
-    fs::{File, OpenOptions},
-    os::fd::AsRawFd,
+    fs::File,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -81,22 +80,7 @@ impl TokenStore {
     }
 
     fn lock(&self) -> Result<File, TokenError> {
-        let p = self.path.with_extension("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(|e| TokenError::Store(format!("{}: {e}", p.display())))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(TokenError::Store(format!(
-                "locking {}: {}",
-                p.display(),
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(f)
+        redirector::sys::lock_beside(&self.path).map_err(TokenError::Store)
     }
 
     fn read(&self) -> Result<Vec<Entry>, TokenError> {

@@ -169,3 +169,15 @@ fn shutdown_on_signal() -> CancellationToken {
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     tunnel::listen(addr).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
+
+/// The CA Secret named by `flag`'s value `namespace/name`, with a client from the in-cluster
+/// service account or KUBECONFIG.
+async fn secret_ca(flag: &str, spec: &str) -> Result<tunnel::pki::secret::SecretCa, String> {
+    let (ns, name) = spec
+        .split_once('/')
+        .ok_or_else(|| format!("{flag} {spec:?}: expected namespace/name"))?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("{flag}: no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {e}")
+    })?;
+    Ok(tunnel::pki::secret::SecretCa::new(client, ns, name))
+}

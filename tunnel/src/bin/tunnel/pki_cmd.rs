@@ -2,7 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Subcommand;
-use tunnel::pki::{ca::CaDir, secret::SecretCa, token::TokenStore};
+use tunnel::pki::{ca::CaDir, token::TokenStore};
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
@@ -72,13 +72,7 @@ pub async fn ca(cmd: CaCmd) -> Result<(), String> {
     let done = match (&place.ca_dir, &place.secret) {
         (Some(dir), _) => op(&CaDir::new(dir)).map(|()| dir.display().to_string()),
         (None, Some(spec)) => {
-            let (ns, name) = spec
-                .split_once('/')
-                .ok_or_else(|| format!("--secret {spec:?}: expected namespace/name"))?;
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| format!("no Kubernetes client configuration: {e}"))?;
-            let s = SecretCa::new(client, ns, name);
+            let s = crate::secret_ca("--secret", spec).await?;
             if matches!(cmd, CaCmd::Init(_)) {
                 s.ensure().await.map(drop)
             } else {

@@ -100,13 +100,7 @@ async fn mirror_secret(
     dir: &std::path::Path,
     stop: &CancellationToken,
 ) -> Result<(), String> {
-    let (ns, name) = spec
-        .split_once('/')
-        .ok_or_else(|| format!("--ca-secret {spec:?}: expected namespace/name"))?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("--ca-secret: no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {e}"))?;
-    let secret = SecretCa::new(client, ns, name);
+    let secret = crate::secret_ca("--ca-secret", spec).await?;
     if secret.ensure().await.map_err(|e| e.to_string())? {
         tracing::info!(secret = %spec, "created the tunnel CA");
     }
