@@ -1,12 +1,14 @@
 //! Benchmark: the whole path (eBPF redirect, tunnel server, mutual TLS, agent, local service)
-//! against a direct loopback connection and against rathole (TLS transport) as a peer reverse
-//! tunnel, side by side in one run. Root only; builds its own namespaces and cgroup.
+//! against a direct loopback connection, against the floor of any reverse tunnel here (the same
+//! hops with plain pre-dialled TCP: `relay_floor`) and against rathole (TLS transport) as a peer
+//! reverse tunnel, side by side in one run. Root only; builds its own namespaces and cgroup.
 //!
 //! `bench-tunnel [--rathole PATH] [--conns N] [--mib N] [--idle N] [--out FILE]`
 //!
 //! Figures: connection setup (connect + 1-byte echo + close) p50/p99; one stream's upload
 //! throughput; 64 streams' aggregate; one stream's throughput while a neighbour on the same
-//! session is stalled; RSS per idle stream on each side. Clients are separate processes.
+//! session is stalled; RSS per idle stream on each side; the tunnel processes' CPU time per
+//! connection set up. Clients are separate processes.
 use std::{
     fs,
     io::{Read, Write},
@@ -24,7 +26,7 @@ use redirector_tests::{
     bench::{median, write_report},
     free_addr,
     pki::TestPki,
-    spawn, tunnel_procs,
+    relay_floor, spawn, tunnel_procs,
 };
 use serde_json::json;
 
@@ -324,6 +326,25 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (ns) all threads of `pid` have run, from the scheduler's own accounting.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| read_ns(&t.path().join("schedstat").display().to_string()))
+        .sum()
+}
+
+/// The run time (ns) in a `schedstat` file; 0 if it is gone.
+fn read_ns(schedstat: &str) -> u64 {
+    fs::read_to_string(schedstat)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn pct(v: &mut [u64], p: f64) -> f64 {
     v.sort_unstable();
     v[((v.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
@@ -338,18 +359,31 @@ struct Path<'a> {
     discard: SocketAddr,
     firehose: SocketAddr,
     hold: SocketAddr,
-    /// Processes whose RSS is charged to idle streams.
+    /// Processes whose RSS is charged to idle streams and whose CPU to set-ups.
     pids: Vec<u32>,
+    /// Threads of this process whose CPU is charged to set-ups (the floor relay).
+    threads: Vec<u32>,
 }
 
 /// One round's figures for one path: setup p50/p99 (us), 1-stream, 64-stream and
-/// 1-stream-beside-a-stalled-one throughput (MB/s).
-fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 5]> {
+/// 1-stream-beside-a-stalled-one throughput (MB/s), and the tunnel's own CPU per set-up
+/// connection (us, all its processes; on 2 vCPUs back-to-back setups compete for it).
+fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 6]> {
+    let cpu = || {
+        let own = |t: &u32| read_ns(&format!("/proc/self/task/{t}/schedstat"));
+        p.pids.iter().map(|p| cpu_ns(*p)).sum::<u64>() + p.threads.iter().map(own).sum::<u64>()
+    };
+    let cpu0 = cpu();
     let mut lat: Vec<u64> = serde_json::from_str(&run_client(
         p.ns,
         p.cg,
         &["latency".into(), p.echo.to_string(), conns.to_string()],
     )?)?;
+    // NaN where the path has no processes of its own to charge (printed as "-").
+    let cpu_per_conn = match p.pids.is_empty() && p.threads.is_empty() {
+        true => f64::NAN,
+        false => (cpu() - cpu0) as f64 / lat.len() as f64 / 1000.0,
+    };
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
     let bytes = (mib as u64) << 20;
     let up = |streams: usize| -> Result<f64> {
@@ -370,11 +404,14 @@ fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 5]> {
     let stalled = up(1)?;
     drop(stall.stdin.take());
     let _ = stall.wait();
-    Ok([p50, p99, single, agg, stalled])
+    Ok([p50, p99, single, agg, stalled, cpu_per_conn])
 }
 
 /// RSS growth per idle stream of each of the path's processes, in bytes.
 fn measure_rss(p: &Path, idle: usize) -> Result<Vec<f64>> {
+    if p.pids.is_empty() {
+        return Ok(Vec::new());
+    }
     let before: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     let mut idle_c = holder(
         p.ns,
@@ -430,6 +467,7 @@ fn main() -> Result<()> {
             firehose: local(svc.firehose),
             hold: local(svc.hold),
             pids: vec![],
+            threads: vec![],
         },
         Path {
             name: "edge-redirector (eBPF + h2/mTLS tunnel)",
@@ -440,8 +478,29 @@ fn main() -> Result<()> {
             firehose: node(svc.firehose),
             hold: node(svc.hold),
             pids: vec![st.server.child.id(), agent.child.id()],
+            threads: vec![],
         },
     ];
+
+    // The floor: the same hops with nothing else (plain TCP, pre-dialled, no TLS, no mux).
+    let floor = |p: u16| relay_floor::start(&w.master, "198.51.100.1", &w.edge, local(p));
+    let floors = [
+        floor(svc.echo)?,
+        floor(svc.discard)?,
+        floor(svc.firehose)?,
+        floor(svc.hold)?,
+    ];
+    paths.push(Path {
+        name: "floor: plain 2-hop reverse relay",
+        ns: &w.master,
+        cg: None,
+        echo: floors[0].at,
+        discard: floors[1].at,
+        firehose: floors[2].at,
+        hold: floors[3].at,
+        pids: vec![],
+        threads: floors.iter().flat_map(|f| f.threads.clone()).collect(),
+    });
 
     // rathole: one service per edge port, each exposed on its own visitor port in master.
     let mut rathole_procs = Vec::new();
@@ -459,6 +518,7 @@ fn main() -> Result<()> {
                     firehose: visit[2],
                     hold: visit[3],
                     pids,
+                    threads: vec![],
                 });
             }
             Err(e) => eprintln!("bench: rathole skipped: {e:#}"),
@@ -471,7 +531,7 @@ fn main() -> Result<()> {
     }
 
     // Paths interleaved within each round; medians over rounds (this machine drifts).
-    let mut rounds: Vec<Vec<[f64; 5]>> = vec![Vec::new(); paths.len()];
+    let mut rounds: Vec<Vec<[f64; 6]>> = vec![Vec::new(); paths.len()];
     for r in 0..cli.rounds {
         for (i, p) in paths.iter().enumerate() {
             eprintln!("bench: round {} of {}: {}", r + 1, cli.rounds, p.name);
@@ -483,7 +543,7 @@ fn main() -> Result<()> {
         let col = |k: usize| median(rounds[i].iter().map(|r| r[k]).collect());
         let stall_cost = median(rounds[i].iter().map(|r| 1.0 - r[4] / r[2]).collect());
         results.push(json!({
-            "path": p.name, "setup_p50_us": col(0), "setup_p99_us": col(1),
+            "path": p.name, "setup_p50_us": col(0), "setup_p99_us": col(1), "setup_cpu_us_per_conn": col(5),
             "single_stream_MBps": col(2), "aggregate_64_MBps": col(3), "single_with_stalled_neighbour_MBps": col(4),
             "stalled_neighbour_cost": stall_cost,
             "rss_bytes_per_idle_stream": measure_rss(p, cli.idle)?,
@@ -635,18 +695,19 @@ fn print_table(results: &[serde_json::Value]) {
     let direct = &results[0];
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "\n{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
+        "\n{:<42} {:>10} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
         "path",
         "setup p50",
         "setup p99",
+        "setup CPU",
         "1 stream",
         "64 streams",
         "1 + stalled",
         "RSS/idle stream"
     );
     println!(
-        "{:<42} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
-        "", "us", "us", "MB/s", "MB/s", "MB/s", "bytes (each side)"
+        "{:<42} {:>10} {:>10} {:>10} {:>12} {:>12} {:>14} {:>18}",
+        "", "us", "us", "us/conn", "MB/s", "MB/s", "MB/s", "bytes (each side)"
     );
     for r in results {
         let rss: Vec<String> = r["rss_bytes_per_idle_stream"]
@@ -658,10 +719,13 @@ fn print_table(results: &[serde_json::Value]) {
             })
             .unwrap_or_default();
         println!(
-            "{:<42} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>14.0} {:>18}",
+            "{:<42} {:>10.1} {:>10.1} {:>10} {:>12.0} {:>12.0} {:>14.0} {:>18}",
             r["path"].as_str().unwrap_or("?"),
             f(r, "setup_p50_us"),
             f(r, "setup_p99_us"),
+            Some(f(r, "setup_cpu_us_per_conn"))
+                .filter(|c| c.is_finite())
+                .map_or("-".into(), |c| format!("{c:.1}")),
             f(r, "single_stream_MBps"),
             f(r, "aggregate_64_MBps"),
             f(r, "single_with_stalled_neighbour_MBps"),
