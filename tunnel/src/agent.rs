@@ -62,6 +62,12 @@ const ROTATION_GRACE: Duration = Duration::from_secs(1);
 /// How long new sessions may take to come up before a rotation is abandoned.
 const ROTATION_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long the answer (200) to an opened stream waits for the service's first bytes to travel
+/// with it. Services answer a client's first message within this in the common case (a TLS
+/// ServerHello, an HTTP response head); a quiet one costs the server this much longer wait for
+/// the answer, never the client anything (its bytes already flow).
+const ANSWER_WITHIN: Duration = Duration::from_millis(2);
+
 /// Capped exponential backoff with full jitter: a fleet of agents restarting together does
 /// not reconnect in lockstep.
 fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
@@ -312,7 +318,7 @@ async fn serve_stream(
     cfg: &AgentConfig,
     stats: &AgentMetrics,
     req: http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+    respond: h2::server::SendResponse<Bytes>,
 ) {
     if req.method() != http::Method::CONNECT {
         stats
@@ -367,16 +373,14 @@ async fn serve_stream(
         tracing::warn!(port, "local dial failed: {last_err:?}");
         return reject(respond, 502, "nothing listens on that port on this node");
     };
-    let resp = http::Response::builder()
-        .status(200)
-        .body(())
-        .expect("static response");
-    let Ok(tx) = respond.send_response(resp, false) else {
-        return;
-    };
+    let _ = tcp.set_nodelay(true);
     stats.streams_total.inc();
     stats.streams_open.inc();
-    let out = relay::relay(tcp, tx, req.into_body()).await;
+    let up = relay::Up::Answer {
+        respond,
+        by: ANSWER_WITHIN,
+    };
+    let out = relay::relay(tcp, up, req.into_body()).await;
     stats.streams_open.dec();
     stats
         .bytes

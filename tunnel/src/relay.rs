@@ -48,11 +48,62 @@ pub struct Outcome {
     pub end: End,
 }
 
-async fn tcp_to_stream(rd: ReadHalf<'_>, mut tx: SendStream<Bytes>, moved: &mut u64) -> End {
+/// Where the TCP side's bytes go: a stream already open for sending (the server's side), or
+/// the agent's answer still to give, which then leaves in the same write as the service's
+/// first bytes: one TLS record, one packet and one wake-up of the server fewer per connection
+/// for protocols where the client speaks first (TLS to a kubelet: the ServerHello rides with
+/// the 200). Silence for `by` sends the answer alone: the server's open timeout never waits
+/// on a quiet service.
+pub enum Up {
+    Open(SendStream<Bytes>),
+    Answer {
+        respond: h2::server::SendResponse<Bytes>,
+        by: std::time::Duration,
+    },
+}
+
+/// Sends the agent's 200 once the service has something to say (or its EOF), or `by` passed;
+/// `None` if the stream was reset meanwhile.
+async fn answer(
+    rd: &ReadHalf<'_>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    by: std::time::Duration,
+) -> Option<SendStream<Bytes>> {
+    tokio::select! {
+        // Readable, EOF or error alike: the loop reading it next sorts them out.
+        _ = rd.readable() => {}
+        _ = tokio::time::sleep(by) => {}
+        r = poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!("stream reset by peer before the answer: {r:?}");
+            return None;
+        }
+    }
+    let ok = http::Response::builder()
+        .status(200)
+        .body(())
+        .expect("static response");
+    match respond.send_response(ok, false) {
+        Ok(tx) => Some(tx),
+        Err(e) => {
+            tracing::debug!("could not answer the stream: {e}");
+            None
+        }
+    }
+}
+
+async fn tcp_to_stream(rd: ReadHalf<'_>, up: Up, moved: &mut u64) -> End {
+    let mut tx = match up {
+        Up::Open(tx) => tx,
+        Up::Answer { respond, by } => match answer(&rd, respond, by).await {
+            Some(tx) => tx,
+            None => return End::Reset,
+        },
+    };
     // No buffer until data arrives, then one that grows while reads fill it: an idle stream
     // costs no buffer memory, a busy one gets large reads (fewer, bigger DATA frames).
     let mut buf = BytesMut::new();
     let mut want = FIRST_READ;
+    let mut first = true;
     loop {
         tokio::select! {
             r = rd.readable() => {
@@ -92,6 +143,19 @@ async fn tcp_to_stream(rd: ReadHalf<'_>, mut tx: SendStream<Bytes>, moved: &mut 
             want = (want * 2).min(CHUNK);
         }
         let mut data = buf.split().freeze();
+        if std::mem::take(&mut first) {
+            // The first read (at most FIRST_READ bytes) is queued without waiting for
+            // capacity: h2 holds it until the window allows, and it leaves in the same write
+            // as the stream's HEADERS instead of one wake-up later (a TLS ClientHello, an
+            // HTTP request). Later reads wait for capacity, so buffering stays bounded.
+            let len = data.len() as u64;
+            if let Err(e) = tx.send_data(data, false) {
+                tracing::debug!("send_data failed: {e}");
+                return End::Reset;
+            }
+            *moved += len;
+            continue;
+        }
         while !data.is_empty() {
             tx.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| tx.poll_capacity(cx)).await {
@@ -150,9 +214,10 @@ fn set_abortive_close(fd: BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Relays until both directions ended cleanly, or either side aborted.
-pub async fn relay(tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> Outcome {
-    relay_before_answer(tcp, tx, async { Some(rx) }).await
+/// Relays until both directions ended cleanly, or either side aborted. `tcp` should have
+/// TCP_NODELAY set (each end sets it once: on its listener, or after connecting).
+pub async fn relay(tcp: TcpStream, up: Up, rx: RecvStream) -> Outcome {
+    relay_before_answer(tcp, up, async { Some(rx) }).await
 }
 
 /// Like [`relay`], but the stream's receive half arrives later (the peer's answer to the stream
@@ -161,17 +226,16 @@ pub async fn relay(tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> Out
 /// refused) aborts the connection with a reset.
 pub async fn relay_before_answer(
     mut tcp: TcpStream,
-    tx: SendStream<Bytes>,
+    up: Up,
     answer: impl std::future::Future<Output = Option<RecvStream>>,
 ) -> Outcome {
-    let _ = tcp.set_nodelay(true);
     let raw = tcp.as_raw_fd();
     // Borrowed halves: unlike owned ones, dropping the write half does not send a FIN, which
     // would turn an abort into a clean EOF before the reset.
     let (rd, wr) = tcp.split();
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     let end = {
-        let up = tcp_to_stream(rd, tx, &mut up_bytes);
+        let up = tcp_to_stream(rd, up, &mut up_bytes);
         let down = async {
             match answer.await {
                 Some(rx) => stream_to_tcp(rx, wr, &mut down_bytes).await,

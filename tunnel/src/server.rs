@@ -296,21 +296,33 @@ impl Server {
         r
     }
 
-    /// Accepts redirected connections until `shutdown`; `lookup` gives each one's original
-    /// destination (the redirector's `OrigDstTable`, or a test's stand-in).
+    /// Accepts redirected connections until `shutdown`; `lookup(client, ingress)` gives each
+    /// one's original destination from its two ends (the redirector's `OrigDstTable`, or a
+    /// test's stand-in).
     pub async fn serve_ingress<F>(
         &self,
         listener: TcpListener,
         lookup: F,
         shutdown: CancellationToken,
     ) where
-        F: Fn(&TcpStream) -> Option<OriginalDst> + Send + Sync + 'static,
+        F: Fn(SocketAddr, SocketAddr) -> Option<OriginalDst> + Send + Sync + 'static,
     {
+        // Accepted connections inherit TCP_NODELAY: one system call per listener, not per
+        // connection (the relay writes whole messages and must not wait for ACKs).
+        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+            tracing::warn!("ingress: cannot set TCP_NODELAY on the listener: {e}");
+        }
+        // A listener bound to one address is the local end of every connection it accepts;
+        // only a wildcard listener needs getsockname per connection.
+        let bound = listener
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         loop {
-            let tcp = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = listener.accept() => match r {
-                    Ok((tcp, _)) => tcp,
+                    Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("ingress accept: {e}");
                         continue;
@@ -318,7 +330,10 @@ impl Server {
                 },
             };
             // Looked up on the accept path, before the next accept (entries are per 4-tuple).
-            let orig = lookup(&tcp);
+            let orig = match bound.or_else(|| tcp.local_addr().ok()) {
+                Some(local) => lookup(peer, local),
+                None => None,
+            };
             let server = self.clone();
             tokio::spawn(async move { server.handle_redirected(tcp, orig).await });
         }
@@ -344,8 +359,8 @@ impl Server {
         tcp: TcpStream,
         orig: Option<OriginalDst>,
     ) -> Result<relay::Outcome, Refusal> {
-        let peer = tcp.peer_addr().ok();
         let Some(orig) = orig else {
+            let peer = tcp.peer_addr().ok();
             return Err(self.refuse(
                 tcp,
                 Refusal::NotRedirected,
@@ -450,6 +465,10 @@ impl Server {
                         format!("port {port}: agent answered {}: {detail}", r.status()),
                     )
                 }
+                // This end reset the stream: the client aborted before the agent's answer
+                // (which waits for the service's first bytes). Not a refusal; the relay
+                // reports the reset.
+                Ok(Err(e)) if e.is_reset() && !e.is_remote() => return None,
                 Ok(Err(e)) => (
                     Refusal::StreamOpenFailed,
                     format!("port {port}: awaiting agent: {e}"),
@@ -467,7 +486,7 @@ impl Server {
             None
         };
         let st = &self.0.stats;
-        let out = relay::relay_before_answer(tcp, tx, answer).await;
+        let out = relay::relay_before_answer(tcp, relay::Up::Open(tx), answer).await;
         if let Some(why) = *refused.lock().unwrap() {
             return Err(why);
         }

@@ -227,6 +227,43 @@ async fn half_close_is_carried_both_ways() {
 }
 
 #[tokio::test]
+async fn a_quiet_service_is_answered_without_waiting_for_its_first_bytes() {
+    // The agent's answer rides with the service's first bytes when they come soon; a service
+    // that stays silent still gets its stream accepted promptly.
+    let ca = Ca::new("cluster CA");
+    let srv = start_server(&ca, routes(TABLE)).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+
+    let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
+    let (mut s, _) = l.accept().await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    let t = std::time::Instant::now();
+    while srv.server.stats().streams_total.get() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the agent never answered a stream whose service stays silent"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Bytes the service sends much later still arrive, and both ends close cleanly.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"late answer").await.unwrap();
+    drop(s);
+    c.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut c).await.unwrap(), b"late answer");
+    let out = task.await.unwrap().unwrap();
+    assert_eq!(
+        (out.end, out.tcp_to_stream, out.stream_to_tcp),
+        (End::Closed, 5, 11)
+    );
+}
+
+#[tokio::test]
 async fn an_abort_at_either_end_arrives_as_a_reset_not_an_eof() {
     let ca = Ca::new("cluster CA");
     let srv = start_server(&ca, routes(TABLE)).await;

@@ -191,7 +191,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         tokio::spawn(async move {
             s.serve_ingress(
                 l,
-                move |tcp| match o.lock().unwrap().take_for_stream(tcp) {
+                move |peer, local| match o.lock().unwrap().take(peer, local) {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::warn!("original destination lookup failed: {e}");
