@@ -208,6 +208,8 @@ async fn keep_session(
     stop: CancellationToken,
     up: Arc<AtomicBool>,
 ) {
+    // Shared by the session's streams: each takes a reference, not a copy of the lists.
+    let cfg = Arc::new(cfg);
     let mut attempt = 0u32;
     while !stop.is_cancelled() {
         match session(&cfg, &server, &stats, &stop, &up).await {
@@ -227,7 +229,7 @@ async fn keep_session(
 }
 
 async fn session(
-    cfg: &AgentConfig,
+    cfg: &Arc<AgentConfig>,
     server: &str,
     stats: &Arc<AgentMetrics>,
     shutdown: &CancellationToken,

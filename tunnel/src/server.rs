@@ -384,7 +384,7 @@ impl Server {
                     orig.addr.ip()
                 )));
             }
-            Some(Route::Node(n)) => n.to_string(),
+            Some(Route::Node(n)) => n,
         };
         let span = tracing::info_span!("stream", node = %node, dst = %orig.addr);
         self.forward(tcp, node, orig.addr.port())
@@ -395,7 +395,7 @@ impl Server {
     async fn forward(
         &self,
         tcp: TcpStream,
-        node: String,
+        node: Arc<str>,
         port: u16,
     ) -> Result<relay::Outcome, Refusal> {
         let send = self
@@ -403,7 +403,7 @@ impl Server {
             .sessions
             .lock()
             .unwrap()
-            .get(&node)
+            .get(&*node)
             .map(|s| s.send.clone());
         let Some(send) = send else {
             return Err(self.refuse(
@@ -420,7 +420,7 @@ impl Server {
             let req = http::Request::builder()
                 .method(http::Method::CONNECT)
                 .uri(format!("127.0.0.1:{port}"))
-                .header(NODE_HEADER, &node)
+                .header(NODE_HEADER, &*node)
                 .body(())
                 .map_err(|e| e.to_string())?;
             send.send_request(req, false)

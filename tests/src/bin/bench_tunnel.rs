@@ -68,6 +68,13 @@ enum ClientCmd {
     Idle { target: SocketAddr, count: usize },
     /// Internal: opens one connection and never reads from it; holds until stdin closes.
     Stall { target: SocketAddr },
+    /// Internal: the floor relay's master side.
+    FloorMaster { pool: SocketAddr, visit: SocketAddr },
+    /// Internal: the floor relay's edge side.
+    FloorEdge {
+        pool: SocketAddr,
+        service: SocketAddr,
+    },
 }
 
 fn client(cmd: ClientCmd) -> Result<()> {
@@ -126,6 +133,12 @@ fn client(cmd: ClientCmd) -> Result<()> {
             std::io::stdout().flush()?;
             let _ = std::io::stdin().read(&mut [0u8; 1]);
         }
+        ClientCmd::FloorMaster { pool, visit } => {
+            current_thread().block_on(relay_floor::master(pool, visit))?
+        }
+        ClientCmd::FloorEdge { pool, service } => {
+            current_thread().block_on(relay_floor::edge(pool, service))
+        }
         ClientCmd::Stall { target } => {
             let _s = TcpStream::connect(target)?;
             println!("ready");
@@ -134,6 +147,42 @@ fn client(cmd: ClientCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Starts the floor relay for the edge's `service` port: its two sides as processes in the
+/// master and edge namespaces. Returns them and the address visitors dial in the master.
+fn start_floor(w: &World, service: u16) -> Result<(Vec<LoggedProc>, SocketAddr)> {
+    let (pool, visit) = {
+        let _m = w.master.enter();
+        (free_addr("198.51.100.1"), free_addr("127.0.0.1"))
+    };
+    let side = |ns: &Netns, args: Vec<String>| {
+        let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+        cmd.args(args);
+        spawn::place(&mut cmd, None, Some(ns));
+        LoggedProc::start(&w.dir, "floor", cmd)
+    };
+    let mut master = side(
+        &w.master,
+        vec!["floor-master".into(), pool.to_string(), visit.to_string()],
+    );
+    master.wait_log(&[relay_floor::READY]);
+    let edge = side(
+        &w.edge,
+        vec![
+            "floor-edge".into(),
+            pool.to_string(),
+            format!("127.0.0.1:{service}"),
+        ],
+    );
+    Ok((vec![master, edge], visit))
 }
 
 /// Reads each connection to its end, then answers the byte count (8 bytes, big endian).
@@ -333,16 +382,9 @@ fn cpu_ns(pid: u32) -> u64 {
     };
     tasks
         .flatten()
-        .map(|t| read_ns(&t.path().join("schedstat").display().to_string()))
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
-}
-
-/// The run time (ns) in a `schedstat` file; 0 if it is gone.
-fn read_ns(schedstat: &str) -> u64 {
-    fs::read_to_string(schedstat)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn pct(v: &mut [u64], p: f64) -> f64 {
@@ -361,8 +403,9 @@ struct Path<'a> {
     hold: SocketAddr,
     /// Processes whose RSS is charged to idle streams and whose CPU to set-ups.
     pids: Vec<u32>,
-    /// Threads of this process whose CPU is charged to set-ups (the floor relay).
-    threads: Vec<u32>,
+    /// Further processes whose CPU (only) is charged to set-ups: the floor relay, whose pool
+    /// of pre-dialled connections is not meant to hold thousands of idle visitors.
+    cpu_pids: Vec<u32>,
 }
 
 /// One round's figures for one path: setup p50/p99 (us), 1-stream, 64-stream and
@@ -370,8 +413,11 @@ struct Path<'a> {
 /// connection (us, all its processes; on 2 vCPUs back-to-back setups compete for it).
 fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 6]> {
     let cpu = || {
-        let own = |t: &u32| read_ns(&format!("/proc/self/task/{t}/schedstat"));
-        p.pids.iter().map(|p| cpu_ns(*p)).sum::<u64>() + p.threads.iter().map(own).sum::<u64>()
+        p.pids
+            .iter()
+            .chain(&p.cpu_pids)
+            .map(|p| cpu_ns(*p))
+            .sum::<u64>()
     };
     let cpu0 = cpu();
     let mut lat: Vec<u64> = serde_json::from_str(&run_client(
@@ -380,7 +426,7 @@ fn measure_round(p: &Path, conns: usize, mib: usize) -> Result<[f64; 6]> {
         &["latency".into(), p.echo.to_string(), conns.to_string()],
     )?)?;
     // NaN where the path has no processes of its own to charge (printed as "-").
-    let cpu_per_conn = match p.pids.is_empty() && p.threads.is_empty() {
+    let cpu_per_conn = match p.pids.is_empty() && p.cpu_pids.is_empty() {
         true => f64::NAN,
         false => (cpu() - cpu0) as f64 / lat.len() as f64 / 1000.0,
     };
@@ -467,7 +513,7 @@ fn main() -> Result<()> {
             firehose: local(svc.firehose),
             hold: local(svc.hold),
             pids: vec![],
-            threads: vec![],
+            cpu_pids: vec![],
         },
         Path {
             name: "edge-redirector (eBPF + h2/mTLS tunnel)",
@@ -478,28 +524,31 @@ fn main() -> Result<()> {
             firehose: node(svc.firehose),
             hold: node(svc.hold),
             pids: vec![st.server.child.id(), agent.child.id()],
-            threads: vec![],
+            cpu_pids: vec![],
         },
     ];
 
     // The floor: the same hops with nothing else (plain TCP, pre-dialled, no TLS, no mux).
-    let floor = |p: u16| relay_floor::start(&w.master, "198.51.100.1", &w.edge, local(p));
     let floors = [
-        floor(svc.echo)?,
-        floor(svc.discard)?,
-        floor(svc.firehose)?,
-        floor(svc.hold)?,
+        start_floor(&w, svc.echo)?,
+        start_floor(&w, svc.discard)?,
+        start_floor(&w, svc.firehose)?,
+        start_floor(&w, svc.hold)?,
     ];
     paths.push(Path {
         name: "floor: plain 2-hop reverse relay",
         ns: &w.master,
         cg: None,
-        echo: floors[0].at,
-        discard: floors[1].at,
-        firehose: floors[2].at,
-        hold: floors[3].at,
+        echo: floors[0].1,
+        discard: floors[1].1,
+        firehose: floors[2].1,
+        hold: floors[3].1,
         pids: vec![],
-        threads: floors.iter().flat_map(|f| f.threads.clone()).collect(),
+        cpu_pids: floors
+            .iter()
+            .flat_map(|f| &f.0)
+            .map(|p| p.child.id())
+            .collect(),
     });
 
     // rathole: one service per edge port, each exposed on its own visitor port in master.
@@ -518,7 +567,7 @@ fn main() -> Result<()> {
                     firehose: visit[2],
                     hold: visit[3],
                     pids,
-                    threads: vec![],
+                    cpu_pids: vec![],
                 });
             }
             Err(e) => eprintln!("bench: rathole skipped: {e:#}"),
