@@ -31,14 +31,16 @@ pub fn render(table: &NodeTable) -> String {
 }
 
 /// `existing` with its managed block replaced by `block` (appended if there was none; removed
-/// if `block` is empty).
+/// if `block` is empty). A block whose END line was deleted by hand loses only its BEGIN
+/// line: the lines after it may be the operator's, and are kept.
 pub fn splice(existing: &str, block: &str) -> String {
     let mut out = String::with_capacity(existing.len() + block.len());
+    let lines: Vec<&str> = existing.lines().collect();
     let mut inside = false;
     let mut placed = false;
-    for line in existing.lines() {
-        if line == BEGIN {
-            inside = true;
+    for (i, line) in lines.iter().enumerate() {
+        if *line == BEGIN {
+            inside = lines[i + 1..].contains(&END);
             if !placed {
                 out.push_str(block);
                 placed = true;
@@ -46,7 +48,7 @@ pub fn splice(existing: &str, block: &str) -> String {
             continue;
         }
         if inside {
-            inside = line != END;
+            inside = *line != END;
             continue;
         }
         out.push_str(line);
