@@ -95,20 +95,27 @@ impl TokenStore {
                 continue;
             }
             let f: Vec<&str> = line.split_whitespace().collect();
-            let [id, hash, node, expires, used] = f.as_slice() else {
+            // Strict: a garbled expiry or used flag must not quietly revive a token.
+            let entry = match f.as_slice() {
+                [id, hash, node, expires, used @ ("0" | "1")] => {
+                    expires.parse().ok().map(|expires| Entry {
+                        id: id.to_string(),
+                        hash: hash.to_string(),
+                        node: node.to_string(),
+                        expires,
+                        used: *used == "1",
+                    })
+                }
+                _ => None,
+            };
+            let Some(entry) = entry else {
                 return Err(TokenError::Store(format!(
-                    "{}:{}: expected `<id> <sha256> <node> <expires> <used>`",
+                    "{}:{}: expected `<id> <sha256> <node> <expires-unix> <0|1>`; fix or delete the line (tokens are recreated with `tunnel token create`)",
                     self.path.display(),
                     i + 1
                 )));
             };
-            v.push(Entry {
-                id: id.to_string(),
-                hash: hash.to_string(),
-                node: node.to_string(),
-                expires: expires.parse().unwrap_or(0),
-                used: *used == "1",
-            });
+            v.push(entry);
         }
         Ok(v)
     }
