@@ -224,7 +224,7 @@ pub fn parse_address(s: &str) -> Result<IpAddr, String> {
 
 /// Kubernetes node names are DNS subdomains (RFC 1123): lowercase alphanumerics, '-' and '.',
 /// starting and ending alphanumeric, at most 253 characters.
-fn validate_node_id(id: &str) -> Result<(), String> {
+pub fn validate_node_id(id: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if id.is_empty()

@@ -178,3 +178,87 @@ fn host_line() -> impl Strategy<Value = String> {
         "[ -~]{0,30}".prop_filter("not a marker", |l| l != hosts::BEGIN && l != hosts::END),
     ]
 }
+
+mod nodes_from_the_api {
+    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+    use proptest::prelude::*;
+    use redirector::{
+        node_table::NodeTable,
+        nodes::{model, pool, store},
+    };
+
+    fn node(name: String, addrs: Vec<(String, String)>) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name);
+        n.status = Some(NodeStatus {
+            addresses: Some(
+                addrs
+                    .into_iter()
+                    .map(|(type_, address)| NodeAddress { type_, address })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn addr_type() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("InternalIP".to_owned()),
+            Just("ExternalIP".to_owned()),
+            Just("Hostname".to_owned()),
+            "[A-Za-z]{0,10}",
+        ]
+    }
+
+    fn address() -> impl Strategy<Value = String> {
+        prop_oneof![
+            super::node_addr().prop_map(|a| a.to_string()),
+            Just("127.0.0.1".to_owned()),
+            Just("::".to_owned()),
+            "\\PC{0,20}",
+        ]
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            super::node_name(),
+            "\\PC{0,16}",
+            "[a-z]{1,4}[ #\\n\\t=][a-z]{1,4}"
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever Nodes the API returns, the table, allocation store and hosts block written
+        /// from them read back: one odd Node never garbles the files every node depends on.
+        #[test]
+        fn whatever_the_api_says_the_written_files_read_back(
+            nodes in prop::collection::vec(
+                (name(), prop::collection::vec((addr_type(), address()), 0..4)),
+                0..6,
+            )
+        ) {
+            let entries: Vec<model::EdgeNode> = nodes
+                .into_iter()
+                .filter_map(|(n, a)| model::edge_node(&node(n, a)))
+                .collect();
+            let alloc: pool::Allocations = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.name.clone(), format!("100.64.0.{}", i + 1).parse().unwrap()))
+                .collect();
+            let table = model::table(&entries, &alloc);
+            let text = table.render();
+            let back = NodeTable::parse(&text, std::path::Path::new("out"));
+            prop_assert!(back.is_ok(), "{:?}\n{}", back, text);
+            prop_assert_eq!(back.unwrap().render(), text);
+            prop_assert_eq!(store::parse(&store::render(&alloc), "store").unwrap(), alloc);
+            for e in &entries {
+                let prefix = format!("node {}:", e.name);
+                prop_assert!(e.problems.iter().all(|p| p.starts_with(&prefix)), "{:?}", e.problems);
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::node_table::{NodeTable, parse_address};
+use crate::node_table::{NodeTable, parse_address, validate_node_id};
 
 /// What the redirector needs of one edge node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +25,16 @@ pub struct EdgeNode {
 /// through the tunnel address instead.
 const IP_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
 
-/// One Node -> its entry. `None` for a Node without a name (not a valid object).
+/// One Node -> its entry. `None` for a Node without a valid name (not a valid object).
 pub fn edge_node(node: &Node) -> Option<EdgeNode> {
     let name = node.metadata.name.clone()?;
+    if let Err(reason) = validate_node_id(&name) {
+        // The API server admits only valid names. Anything else (a faulty proxy, a fake API)
+        // would garble the node table, the allocation store and the hosts blocks for every
+        // node, so it stops here.
+        tracing::warn!("Node skipped: {reason}");
+        return None;
+    }
     let mut addresses = Vec::new();
     let mut problems = Vec::new();
     let listed = node
