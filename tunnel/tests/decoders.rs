@@ -115,3 +115,94 @@ fn a_used_flag_garbled_by_hand_does_not_revive_a_token() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+mod enrollment {
+    use std::{sync::OnceLock, time::Duration};
+
+    use proptest::prelude::*;
+    use rustls_pki_types::pem::PemObject;
+    use tunnel::{
+        identity::node_id_from_cert,
+        pki::{
+            ca::{CaDir, node_csr},
+            enroll::Enroller,
+            token::TokenStore,
+        },
+    };
+
+    /// One CA and token store for all cases (creating a CA per case would dominate the run).
+    fn enroller() -> &'static Enroller {
+        static E: OnceLock<Enroller> = OnceLock::new();
+        E.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("decoders-enroll-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca = CaDir::new(&dir.join("ca"));
+            ca.ensure().unwrap();
+            Enroller {
+                ca,
+                tokens: TokenStore::new(&dir.join("tokens")),
+                lifetime: Duration::from_secs(3600),
+            }
+        })
+    }
+
+    fn csr() -> &'static str {
+        static C: OnceLock<String> = OnceLock::new();
+        C.get_or_init(|| node_csr("edge-a").unwrap().0)
+    }
+
+    /// The PEM with base64 characters of its body replaced: a CSR whose bytes are damaged.
+    fn damaged(pem: &str, edits: &[(prop::sample::Index, u8)]) -> String {
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut lines: Vec<Vec<u8>> = pem.lines().map(|l| l.as_bytes().to_vec()).collect();
+        let body = lines.len() - 2;
+        for (at, c) in edits {
+            let i = at.index(body * 64);
+            let line = &mut lines[1 + (i / 64).min(body - 1)];
+            let j = (i % 64).min(line.len() - 1);
+            line[j] = B64[usize::from(*c) % 64];
+        }
+        lines
+            .into_iter()
+            .map(|l| String::from_utf8(l).unwrap() + "\n")
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Garbage in any field is refused with a 4xx and a reason, never a panic.
+        #[test]
+        fn garbage_requests_are_refused_with_a_reason(
+            path in prop_oneof![Just("/v1/enroll".to_owned()), Just("/v1/renew".to_owned()), "\\PC{0,12}"],
+            bearer in proptest::option::of("\\PC{0,48}"),
+            body in "\\PC{0,200}",
+        ) {
+            let e = enroller();
+            let r = e.handle(&path, bearer.as_deref(), None, &body);
+            let (status, why) = r.expect_err("garbage was accepted");
+            prop_assert!(status.is_client_error(), "{} {}", status, why);
+            prop_assert!(!why.is_empty());
+        }
+
+        /// A damaged CSR with a valid token: refused, or a certificate for the token's node
+        /// and no other.
+        #[test]
+        fn a_damaged_csr_never_gets_another_nodes_certificate(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let e = enroller();
+            let token = e.tokens.create("edge-a", Duration::from_secs(600)).unwrap();
+            match e.handle("/v1/enroll", Some(&token), None, &damaged(csr(), &edits)) {
+                Ok(json) => {
+                    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+                    let pem = v["certificate"].as_str().unwrap();
+                    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+                    prop_assert_eq!(node_id_from_cert(&der).unwrap(), "edge-a");
+                }
+                Err((status, why)) => prop_assert!(status.is_client_error(), "{} {}", status, why),
+            }
+        }
+    }
+}
