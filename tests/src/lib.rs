@@ -246,6 +246,16 @@ impl RedirectorProc {
     /// Starts with host clients sent to `host_ingress` (e.g. a real tunnel server's) and waits
     /// for its ready file.
     pub fn start_with_ingress(world: &World, host_ingress: SocketAddr, extra: &[&str]) -> Self {
+        Self::start_with_ingresses(world, host_ingress, world.host_ingress6, extra)
+    }
+
+    /// Like [`Self::start_with_ingress`], with IPv6 destinations sent to `host_ingress6`.
+    pub fn start_with_ingresses(
+        world: &World,
+        host_ingress: SocketAddr,
+        host_ingress6: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
         let ready_file = world.dir.join(format!("ready-{}", unique_id()));
         let mut args: Vec<String> = ["--pin-dir", &world.pin_dir.display().to_string(), "run"]
             .iter()
@@ -256,7 +266,7 @@ impl RedirectorProc {
             ("--node-table", world.node_table.display().to_string()),
             ("--host-ingress", host_ingress.to_string()),
             ("--pod-ingress", world.pod_ingress.to_string()),
-            ("--host-ingress6", world.host_ingress6.to_string()),
+            ("--host-ingress6", host_ingress6.to_string()),
             ("--ready-file", ready_file.display().to_string()),
             ("--reload-interval", "0.2".to_string()),
         ] {

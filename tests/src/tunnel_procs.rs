@@ -84,22 +84,24 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 /// `tunnel server` in the master namespace, reading original destinations from the world's
-/// redirector pins; returns once it logged that it is ready.
+/// redirector pins; returns once it logged that it is ready. `ingress` is the IPv4 and the
+/// IPv6 host ingress.
 pub fn server(
     w: &World,
     pki: &TestPki,
-    ingress: SocketAddr,
+    ingress: (SocketAddr, SocketAddr),
     agents_at: SocketAddr,
     metrics_at: SocketAddr,
 ) -> LoggedProc {
-    let args = server_args(
+    let mut args = server_args(
         pki,
-        ingress,
+        ingress.0,
         agents_at,
         metrics_at,
         &w.node_table,
         &w.pin_dir,
     );
+    args.extend(["--host-ingress6".to_owned(), ingress.1.to_string()]);
     let mut p = LoggedProc::spawn(w, "tunnel-server", &w.master, "tunnel", &strs(&args));
     p.wait_log(&["tunnel server ready"]);
     p
@@ -134,6 +136,8 @@ pub fn agent(
 /// ingress) and tunnel server, on addresses picked free in the master namespace.
 pub struct Stack {
     pub ingress: SocketAddr,
+    /// The server's ingress for IPv6 destinations (the redirector's --host-ingress6).
+    pub ingress6: SocketAddr,
     pub agents_at: SocketAddr,
     pub metrics_at: SocketAddr,
     pub server: LoggedProc,
@@ -142,21 +146,24 @@ pub struct Stack {
 }
 
 pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
-    let (ingress, agents_at, metrics_at) = {
+    let (ingress, ingress6, agents_at, metrics_at) = {
         let _m = w.master.enter();
         (
             crate::free_addr("127.0.0.1"),
+            crate::free_addr("[::1]"),
             crate::free_addr("198.51.100.1"),
             crate::free_addr("127.0.0.1"),
         )
     };
-    let redirector = crate::RedirectorProc::start_with_ingress(w, ingress, redirector_args);
+    let redirector =
+        crate::RedirectorProc::start_with_ingresses(w, ingress, ingress6, redirector_args);
     // Agents dial `agents_at`; the server listens on every master address (a benchmark adds a
     // second, long-RTT link to the master).
     let any = std::net::SocketAddr::from(([0, 0, 0, 0], agents_at.port()));
-    let server = server(w, pki, ingress, any, metrics_at);
+    let server = server(w, pki, (ingress, ingress6), any, metrics_at);
     Stack {
         ingress,
+        ingress6,
         agents_at,
         metrics_at,
         server,

@@ -161,3 +161,51 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn an_ipv6_node_address_travels_the_ipv6_ingress_to_that_nodes_agent() {
+    let w = World::new();
+    let pki = TestPki::new(&w.dir);
+    let mut st = tunnel_procs::stack(&w, &pki, &[]);
+    // edge-v6's agent reaches its services on its own IPv6 address.
+    let _v6 = tunnel_procs::agent(
+        &w,
+        &pki,
+        &mut st.server,
+        "edge-v6",
+        st.agents_at,
+        "10250",
+        "2001:db8::10",
+    );
+
+    let v = w.probe(true, None, &["connect", "[2001:db8::10]:10250"]);
+    let got = replies(&v);
+    assert_eq!(
+        got[0].1, "edge [2001:db8::10]:10250",
+        "through the IPv6 ingress and edge-v6's agent: {v}"
+    );
+    assert_eq!(
+        got[0].2.as_deref(),
+        Some("[2001:db8::10]:10250"),
+        "the client still sees what it dialled"
+    );
+    let edge = w.edge_log.all();
+    assert_eq!(edge.len(), 1, "{edge:?}");
+    assert_ne!(
+        edge[0].peer.expect("peer").ip().to_string(),
+        "198.51.100.1",
+        "came through the agent, not straight from the master: {edge:?}"
+    );
+    assert!(
+        w.ingress_log.all().is_empty(),
+        "nothing reached the world's stand-in ingresses: {:?}",
+        w.ingress_log.all()
+    );
+    let metrics = tunnel_procs::http_get(&w, st.metrics_at, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tunnel_server_streams_total 1"),
+        "{metrics}"
+    );
+}

@@ -70,6 +70,13 @@ pub struct ServerArgs {
     /// Ingress for redirected pod clients (the redirector's --pod-ingress).
     #[arg(long, env = "TUNNEL_POD_INGRESS")]
     pod_ingress: Option<SocketAddr>,
+    /// Ingress for host clients dialling IPv6 node addresses (the redirector's
+    /// --host-ingress6, e.g. [::1]:10266).
+    #[arg(long, env = "TUNNEL_HOST_INGRESS6")]
+    host_ingress6: Option<SocketAddr>,
+    /// Ingress for pod clients dialling IPv6 node addresses (the redirector's --pod-ingress6).
+    #[arg(long, env = "TUNNEL_POD_INGRESS6")]
+    pod_ingress6: Option<SocketAddr>,
     /// Node table: `<node-id> <ip> [<ip>...]` per line (reloaded when it changes).
     #[arg(long, env = "TUNNEL_NODE_TABLE")]
     node_table: PathBuf,
@@ -183,8 +190,14 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
     })?));
     let agents = bind(a.agent_listen, "agents").await?;
     let mut ingresses = vec![bind(a.host_ingress, "host ingress").await?];
-    if let Some(p) = a.pod_ingress {
-        ingresses.push(bind(p, "pod ingress").await?);
+    for (at, what) in [
+        (a.pod_ingress, "pod ingress"),
+        (a.host_ingress6, "IPv6 host ingress"),
+        (a.pod_ingress6, "IPv6 pod ingress"),
+    ] {
+        if let Some(at) = at {
+            ingresses.push(bind(at, what).await?);
+        }
     }
     for l in ingresses {
         let (s, o, t) = (server.clone(), orig.clone(), stop.clone());
@@ -215,7 +228,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
     if a.csr_signer {
         start_csr_signer(&a, &stop).await?;
     }
-    tracing::info!(agent_listen = %a.agent_listen, host_ingress = %a.host_ingress, pod_ingress = ?a.pod_ingress, metrics = %metrics_at, enroll = ?a.enroll_listen, "tunnel server ready");
+    tracing::info!(agent_listen = %a.agent_listen, host_ingress = %a.host_ingress, pod_ingress = ?a.pod_ingress, host_ingress6 = ?a.host_ingress6, pod_ingress6 = ?a.pod_ingress6, metrics = %metrics_at, enroll = ?a.enroll_listen, "tunnel server ready");
     // Sessions outlive the stop signal until in-flight streams drain (bounded): a rolling
     // restart of the masters does not cut a running `kubectl exec`.
     let sessions = CancellationToken::new();
