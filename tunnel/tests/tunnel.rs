@@ -226,15 +226,24 @@ async fn half_close_is_carried_both_ways() {
     assert_eq!(svc.await.unwrap(), b"still sending after your FIN");
 }
 
+/// A server and edge-a's agent serving one port of a bare listener (the test plays the
+/// service) on edge-a's loopback address.
+async fn edge_a_bare_service(
+    ca: &Ca,
+) -> (RunningServer, RunningAgent, tokio::net::TcpListener, u16) {
+    let srv = start_server(ca, routes(TABLE)).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let a = node_agent(ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+    (srv, a, l, port)
+}
+
 #[tokio::test]
 async fn a_quiet_service_is_answered_without_waiting_for_its_first_bytes() {
     // The agent's answer rides with the service's first bytes when they come soon; a service
     // that stays silent still gets its stream accepted promptly.
     let ca = Ca::new("cluster CA");
-    let srv = start_server(&ca, routes(TABLE)).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+    let (srv, _a, l, port) = edge_a_bare_service(&ca).await;
 
     let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
     let (mut s, _) = l.accept().await.unwrap();
@@ -266,10 +275,7 @@ async fn a_quiet_service_is_answered_without_waiting_for_its_first_bytes() {
 #[tokio::test]
 async fn an_abort_at_either_end_arrives_as_a_reset_not_an_eof() {
     let ca = Ca::new("cluster CA");
-    let srv = start_server(&ca, routes(TABLE)).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let _a = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
+    let (srv, _a, l, port) = edge_a_bare_service(&ca).await;
 
     // Client aborts: the service must read an error, not a clean EOF.
     let (mut c, task) = redirected(&srv.server, addr(&format!("203.0.113.10:{port}"))).await;
