@@ -158,6 +158,21 @@ fn name() -> ServerName<'static> {
     ServerName::try_from("tunnel.test").unwrap()
 }
 
+/// The error an enrollment request is refused with (it must be refused).
+async fn refusal(
+    c: &Cluster,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    bearer: Option<&str>,
+    csr: &str,
+) -> String {
+    enroll::request(&c.enroll_at, name(), tls, path, bearer, csr)
+        .await
+        .err()
+        .expect("the request was refused")
+        .to_string()
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -241,51 +256,18 @@ async fn bad_enrollments_are_refused_with_their_reason_and_the_endpoint_keeps_se
     )
     .unwrap();
     let (csr_b, _) = node_csr("edge-b").unwrap();
-    let e = enroll::request(
-        &c.enroll_at,
-        name(),
-        anon.clone(),
-        "/v1/renew",
-        None,
-        &csr_b,
-    )
-    .await
-    .err()
-    .unwrap()
-    .to_string();
+    let e = refusal(&c, anon.clone(), "/v1/renew", None, &csr_b).await;
     assert!(
         e.contains("401") && e.contains("current client certificate"),
         "{e}"
     );
     let a = c.agent_pki("edge-a", None);
-    let e = enroll::request(
-        &c.enroll_at,
-        name(),
-        a.config().unwrap(),
-        "/v1/renew",
-        None,
-        &csr_b,
-    )
-    .await
-    .err()
-    .unwrap()
-    .to_string();
+    let e = refusal(&c, a.config().unwrap(), "/v1/renew", None, &csr_b).await;
     assert!(
         e.contains("asks for node \"edge-b\"") && e.contains("belongs to node \"edge-a\""),
         "{e}"
     );
-    let e = enroll::request(
-        &c.enroll_at,
-        name(),
-        anon,
-        "/v1/enroll",
-        Some("x.y"),
-        "not a CSR",
-    )
-    .await
-    .err()
-    .unwrap()
-    .to_string();
+    let e = refusal(&c, anon, "/v1/enroll", Some("x.y"), "not a CSR").await;
     assert!(e.contains("400") && e.contains("malformed CSR"), "{e}");
     // After all that, a good enrollment still works.
     let t = c.tokens.create("edge-b", Duration::from_secs(600)).unwrap();
