@@ -24,6 +24,14 @@ LLVM_DIR="/usr/lib/llvm-${LLVM_MAJOR}"
 # curl (the demo's client), util-linux (nsenter, unshare, setpriv), python3-venv (the manifest
 # validator's environment).
 APT_PACKAGES=(iproute2 iptables bpftool procps curl util-linux python3-venv)
+# The edge agent for ARM boards (cross builds and their qemu-user run in the tests): the C cross
+# compilers ring's assembly needs, their libc, and qemu-user. No eBPF toolchain is involved.
+APT_PACKAGES+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf
+               libc6-dev-armhf-cross qemu-user-static)
+# aarch64 has a prebuilt standard library for the host toolchain; 32-bit ARM has none that can be
+# downloaded here, so armv7 builds std from source with the eBPF nightly's rust-src
+# (cargo xtask dist).
+AGENT_TARGETS=(aarch64-unknown-linux-gnu)
 # Debian's Prometheus and node-exporter for the demo, unpacked (not installed: installing
 # starts host-wide services on :9090 and :9100) into DEMO_TOOLS.
 DEMO_TOOLS="${DEMO_TOOLS:-/opt/edge-redirector-demo}"
@@ -72,6 +80,10 @@ fi
 for c in clippy rustfmt; do
     rustup component list --toolchain "$HOST_TOOLCHAIN" --installed | grep -q "^$c" \
         || rustup component add "$c" --toolchain "$HOST_TOOLCHAIN"
+done
+for t in "${AGENT_TARGETS[@]}"; do
+    rustup target list --toolchain "$HOST_TOOLCHAIN" --installed | grep -qx "$t" \
+        || rustup target add "$t" --toolchain "$HOST_TOOLCHAIN"
 done
 if ! has_toolchain "$BPF_TOOLCHAIN"; then
     echo "setup: rustup toolchain install $BPF_TOOLCHAIN"

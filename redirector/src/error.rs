@@ -60,15 +60,9 @@ pub enum Error {
         detail: String,
     },
 
-    #[error("{file}:{line}: {reason}")]
-    NodeTable {
-        file: PathBuf,
-        line: usize,
-        reason: String,
-    },
-
-    #[error("cannot read node table {file}: {source}")]
-    NodeTableRead { file: PathBuf, source: io::Error },
+    /// The node table, the hosts block (`edge-model`).
+    #[error(transparent)]
+    Model(#[from] edge_model::Error),
 
     #[error(
         "map {map} is full ({capacity} entries) while adding {what}; raise {flag} and restart \
@@ -103,6 +97,9 @@ pub enum Error {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    #[error("node sync: {0}")]
+    Sync(#[from] crate::nodes::error::SyncError),
 }
 
 impl Error {

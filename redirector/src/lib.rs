@@ -8,8 +8,8 @@
 //! Layout:
 //! - [`loader`]: load, attach, pin, adopt pins on restart (`BPF_LINK_UPDATE`, no gap).
 //! - [`maps`]: typed access to the pinned maps (nodes, ports, config, counters).
-//! - [`node_table`]: the static node table file (node ID -> addresses, tunnel address).
-//! - [`hosts`]: the managed hosts-file block (node name -> tunnel address).
+//! - [`node_table`], [`hosts`]: re-exported from `edge-model` (the node table file, the managed
+//!   hosts block); the node table is followed by `edge_model::follow`, as in the tunnel server.
 //! - [`nodes`]: Kubernetes Nodes (or a file) -> node table with tunnel addresses from a pool.
 //! - [`origdst`]: original-destination lookup for the ingress.
 //! - [`run`]: the long-running `redirector run` loop; [`status`], [`uninstall`] for the CLI.
@@ -17,12 +17,9 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod error;
-pub mod hosts;
-pub mod http;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
-pub mod node_table;
 pub mod nodes;
 pub mod origdst;
 pub mod run;
@@ -30,12 +27,9 @@ pub mod status;
 pub mod sys;
 pub mod uninstall;
 
+// The pure model (no aya, no kube) lives in `edge-model`, which the tunnel server shares.
+pub use edge_model::{
+    DEFAULT_HOST_INGRESS, DEFAULT_PIN_DIR, DEFAULT_PORTS, OriginalDst, hosts, node_table,
+};
 pub use error::{Error, Result};
-pub use origdst::{OrigDstTable, OriginalDst};
-
-/// Where the pins live unless `--pin-dir` says otherwise.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/edge-redirector";
-/// The loopback ingress host clients are sent to unless `--host-ingress` says otherwise.
-pub const DEFAULT_HOST_INGRESS: &str = "127.0.0.1:10266";
-/// kubelet (10250), read-only kubelet (10255), KubeEdge edgecore stream (10350).
-pub const DEFAULT_PORTS: &str = "10250,10255,10350";
+pub use origdst::OrigDstTable;

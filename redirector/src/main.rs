@@ -3,7 +3,8 @@ use std::{
     collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use edge_cli::logging::LogFormat;
 use redirector::{
     DEFAULT_HOST_INGRESS, DEFAULT_PIN_DIR, DEFAULT_PORTS, cgroup,
     loader::InstallOptions,
@@ -28,12 +29,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -97,8 +92,8 @@ struct SyncArgs {
     #[arg(long, env = "REDIRECTOR_COREDNS_CONFIGMAP")]
     coredns_configmap: Option<String>,
     /// Seconds a node must be missing before its tunnel address is released.
-    #[arg(long, env = "REDIRECTOR_RELEASE_AFTER", default_value_t = 300.0)]
-    release_after: f64,
+    #[arg(long, env = "REDIRECTOR_RELEASE_AFTER", default_value = "300", value_parser = edge_cli::seconds::positive)]
+    release_after: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `off` disables them.
     #[arg(
         long,
@@ -145,8 +140,8 @@ struct RunArgs {
     #[arg(long, env = "REDIRECTOR_MAX_NODE_ADDRESSES", default_value_t = capacity::NODES)]
     max_node_addresses: u32,
     /// Seconds between checks of the node table file for changes (SIGHUP checks at once).
-    #[arg(long, env = "REDIRECTOR_RELOAD_INTERVAL", default_value_t = 2.0)]
-    reload_interval: f64,
+    #[arg(long, env = "REDIRECTOR_RELOAD_INTERVAL", default_value = "2", value_parser = edge_cli::seconds::positive)]
+    reload_interval: Duration,
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -164,24 +159,9 @@ struct RunArgs {
     metrics_listen: String,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: logs collected from a file or a pod stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    edge_cli::logging::init(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -245,41 +225,15 @@ fn parse_listen(flag: &str, a: &str) -> redirector::Result<Option<SocketAddr>> {
     }
 }
 
-fn seconds(flag: &str, v: f64) -> redirector::Result<Duration> {
-    if v > 0.0 && v.is_finite() {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(redirector::Error::Config(format!(
-            "{flag} must be a positive number of seconds"
-        )))
-    }
-}
-
 /// Runs `f` on a single-threaded runtime until it ends or SIGTERM/SIGINT cancels its token.
 fn block_on_until_signal<F, Fut, T>(f: F) -> redirector::Result<T>
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = redirector::Result<T>>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let rt = edge_cli::process::runtime(1)
         .map_err(|e| redirector::Error::io("starting the async runtime", e))?;
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            token.cancel();
-        });
-        f(shutdown).await
-    })
+    rt.block_on(async { f(edge_cli::process::shutdown_on_signal()).await })
 }
 
 fn sync_cmd(args: SyncArgs) -> redirector::Result<()> {
@@ -287,7 +241,7 @@ fn sync_cmd(args: SyncArgs) -> redirector::Result<()> {
     let cfg = sync::SyncConfig {
         pool: Pool::parse(&args.pool).map_err(redirector::Error::Config)?,
         out: args.out,
-        release_after: seconds("--release-after", args.release_after)?,
+        release_after: args.release_after,
         resync: Duration::from_secs(30),
     };
     let source = match (args.nodes, args.state) {
@@ -304,9 +258,7 @@ fn sync_cmd(args: SyncArgs) -> redirector::Result<()> {
     };
     let listen = parse_listen("--metrics-listen", &args.metrics_listen)?;
     block_on_until_signal(|shutdown| async move {
-        sync::serve(source, cfg, listen, shutdown)
-            .await
-            .map_err(redirector::Error::Config)
+        Ok(sync::serve(source, cfg, listen, shutdown).await?)
     })
 }
 
@@ -323,7 +275,7 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         pod_ingress4: args.pod_ingress,
         host_ingress6: args.host_ingress6,
         pod_ingress6: args.pod_ingress6,
-        reload_interval: seconds("--reload-interval", args.reload_interval)?,
+        reload_interval: args.reload_interval,
         ready_file: args.ready_file,
         hosts_file: args.hosts_file,
         metrics_listen: parse_listen("--metrics-listen", &args.metrics_listen)?,

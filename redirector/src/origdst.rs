@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
@@ -19,24 +20,19 @@ use crate::{
     node_table::{ip6_words, words_to_bytes},
 };
 
-/// The destination a redirected client dialled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OriginalDst {
-    /// Node address and port (IPv4 for IPv4 and IPv4-mapped destinations).
-    pub addr: SocketAddr,
-    /// The client was in another network namespace (a pod) and came through the pod ingress.
-    pub from_pod: bool,
-    /// The address belongs to more than one node: the ingress must refuse, naming them.
-    pub ambiguous: bool,
-}
+pub use edge_model::OriginalDst;
 
 /// Handle on the pinned `ORIG_BY_TUPLE` map. Cheap to keep; one per ingress.
+///
+/// Shared by every ingress without a lock: a take is one system call on the map's descriptor
+/// (the kernel serializes per entry), so lookups never queue behind one another in user space.
 pub struct OrigDstTable {
-    map: HashMap<MapData, SockTuple, OrigDst>,
+    /// For kernels without lookup-and-delete only (before 5.14): lookup, then delete.
+    map: std::sync::Mutex<HashMap<MapData, SockTuple, OrigDst>>,
     /// Second handle for the one-syscall lookup-and-delete (aya does not offer it).
     raw: MapData,
-    /// Cleared when the kernel lacks lookup-and-delete for this map type (before 5.14).
-    atomic_take: bool,
+    /// Cleared when the kernel lacks lookup-and-delete for this map type.
+    atomic_take: AtomicBool,
 }
 
 fn words(ip: IpAddr) -> [u32; 4] {
@@ -53,15 +49,15 @@ impl OrigDstTable {
             .map_err(|e| Error::ebpf("ORIG_BY_TUPLE has an unexpected layout", e))?;
         let raw = open_map(pin_dir, map_names::ORIG_BY_TUPLE)?;
         Ok(Self {
-            map,
+            map: std::sync::Mutex::new(map),
             raw,
-            atomic_take: true,
+            atomic_take: AtomicBool::new(true),
         })
     }
 
     /// Takes the original destination of an accepted stream (`None`: not redirected, or its
     /// entry was evicted; the ingress must refuse it).
-    pub fn take_for_stream(&mut self, stream: &impl AsFd) -> Result<Option<OriginalDst>> {
+    pub fn take_for_stream(&self, stream: &impl AsFd) -> Result<Option<OriginalDst>> {
         let sock = socket2::SockRef::from(stream);
         let peer = sock
             .peer_addr()
@@ -76,7 +72,7 @@ impl OrigDstTable {
     }
 
     /// Takes the original destination of the connection `peer` -> `local` as the ingress sees it.
-    pub fn take(&mut self, peer: SocketAddr, local: SocketAddr) -> Result<Option<OriginalDst>> {
+    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<OriginalDst>> {
         let key = SockTuple {
             client_ip: words(peer.ip()),
             ingress_ip: words(local.ip()),
@@ -94,8 +90,8 @@ impl OrigDstTable {
         }))
     }
 
-    fn take_entry(&mut self, key: &SockTuple) -> Result<Option<OrigDst>> {
-        if self.atomic_take {
+    fn take_entry(&self, key: &SockTuple) -> Result<Option<OrigDst>> {
+        if self.atomic_take.load(Ordering::Relaxed) {
             match crate::sys::map_lookup_and_delete::<SockTuple, OrigDst>(
                 self.raw.fd().as_fd(),
                 key,
@@ -110,18 +106,19 @@ impl OrigDstTable {
                     tracing::info!(
                         "kernel lacks BPF_MAP_LOOKUP_AND_DELETE_ELEM for LRU maps; using lookup + delete"
                     );
-                    self.atomic_take = false;
+                    self.atomic_take.store(false, Ordering::Relaxed);
                 }
                 Err(e) => return Err(Error::io("taking an ORIG_BY_TUPLE entry", e)),
             }
         }
-        let orig = match self.map.get(key, 0) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let orig = match map.get(key, 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(Error::ebpf("reading ORIG_BY_TUPLE", e)),
         };
         // Delete what we consumed; a concurrent eviction is fine.
-        match self.map.remove(key) {
+        match map.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => tracing::warn!("could not delete a consumed ORIG_BY_TUPLE entry: {e}"),
         }

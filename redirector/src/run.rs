@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use edge_model::follow::{Follower, Snapshot};
 use redirector_common::{Config, Ingress};
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +20,7 @@ use crate::{
     loader::{self, InstallOptions},
     maps::PinnedMaps,
     metrics::MapsCollector,
-    node_table::{NodeTable, ip6_words},
+    node_table::ip6_words,
     sys,
 };
 
@@ -109,22 +110,25 @@ fn kernel_config(cfg: &RunConfig) -> Result<Config> {
     })
 }
 
-/// Loads the node table and writes the differences into the maps; records how many addresses
-/// are ambiguous.
-fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig, ambiguous: &AtomicU64) -> Result<()> {
-    let table = NodeTable::load(&cfg.node_table)?;
-    ambiguous.store(
-        table.owners().values().filter(|o| o.len() > 1).count() as u64,
-        Ordering::Relaxed,
-    );
-    for (ip, owners) in table.owners().iter().filter(|(_, o)| o.len() > 1) {
-        let owners: Vec<_> = owners.iter().copied().collect();
+/// Writes the differences between a node-table snapshot and the maps into the maps; records
+/// how many addresses are ambiguous.
+fn apply_node_table(
+    maps: &mut PinnedMaps,
+    cfg: &RunConfig,
+    snap: &Snapshot,
+    ambiguous: &AtomicU64,
+) -> Result<()> {
+    let table = &snap.table;
+    let mut shared = 0u64;
+    for (ip, owners) in snap.routes.ambiguous() {
+        shared += 1;
         tracing::warn!(%ip, nodes = ?owners, "address shared by several nodes: connections to it will be refused by the tunnel; reach these nodes by their unique addresses");
     }
+    ambiguous.store(shared, Ordering::Relaxed);
     let stats = maps.sync_nodes(&table.kernel_entries(), cfg.install.max_node_addresses)?;
     tracing::info!(nodes = table.nodes.len(), added = stats.added, updated = stats.updated, removed = stats.removed, file = %cfg.node_table.display(), "node table applied");
     if let Some(path) = &cfg.hosts_file
-        && crate::hosts::update(path, &table)?
+        && crate::hosts::update(path, table)?
     {
         tracing::info!(file = %path.display(), names = table.tunnel.len(), "hosts file block updated");
     }
@@ -135,7 +139,7 @@ fn apply_node_table(maps: &mut PinnedMaps, cfg: &RunConfig, ambiguous: &AtomicU6
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
     // Parse the node table before touching the kernel: a bad file fails fast, nothing changes.
-    NodeTable::load(&cfg.node_table)?;
+    let nodes = Follower::open(&cfg.node_table)?;
     let mut installed = loader::install(&cfg.install)?;
     tracing::info!(
         cgroup = %cfg.install.cgroup.display(),
@@ -148,7 +152,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     maps.set_config(&kernel_config(&cfg)?)?;
     maps.set_ports(&cfg.ports)?;
     let ambiguous = Arc::new(AtomicU64::new(0));
-    apply_node_table(&mut maps, &cfg, &ambiguous)?;
+    let mut snapshots = nodes.subscribe();
+    apply_node_table(&mut maps, &cfg, &snapshots.borrow_and_update(), &ambiguous)?;
     if let Some(at) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
             Error::io(
@@ -161,7 +166,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
             MapsCollector::new(PinnedMaps::open(&cfg.install.pin_dir)?, ambiguous.clone());
         registry.register_collector(Box::new(collector));
         // Ready from here on: the programs are attached and the maps filled.
-        tokio::spawn(crate::http::serve(
+        tokio::spawn(edge_cli::http::serve(
             listener,
             Arc::new(registry),
             Arc::new(|| true),
@@ -175,25 +180,26 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     }
     tracing::info!(ports = ?cfg.ports, "redirector ready");
 
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| Error::io("installing the SIGHUP handler", e))?;
-    let mut tick = tokio::time::interval(cfg.reload_interval);
-    let mut last_mtime = NodeTable::modified(&cfg.node_table);
+    // The one node-table follower: polls, and reloads at once on SIGHUP.
+    tokio::spawn(nodes.clone().run(cfg.reload_interval, shutdown.clone()));
+    let mut flush = tokio::time::interval(cfg.reload_interval);
     loop {
-        let forced = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => false,
-            _ = hup.recv() => true,
-        };
-        if let Some(l) = installed.logger.as_mut() {
-            l.flush();
-        }
-        let mtime = NodeTable::modified(&cfg.node_table);
-        if forced || mtime != last_mtime {
-            last_mtime = mtime;
-            // A bad edit keeps the last good table in the kernel: every node stays reachable.
-            if let Err(e) = apply_node_table(&mut maps, &cfg, &ambiguous) {
-                tracing::error!("node table not applied, keeping the previous one: {e}");
+            _ = flush.tick() => {
+                if let Some(l) = installed.logger.as_mut() {
+                    l.flush();
+                }
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = snapshots.borrow_and_update().clone();
+                // A failed write keeps what the kernel has: every node stays reachable.
+                if let Err(e) = apply_node_table(&mut maps, &cfg, &snap, &ambiguous) {
+                    tracing::error!("node table not applied, keeping the previous one: {e}");
+                }
             }
         }
     }

@@ -274,27 +274,6 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     netns_cookie_of(sock.as_fd())
 }
 
-/// An exclusive `flock` on `<path>.lock` (created if absent), held until the returned file is
-/// dropped: serialises read-modify-write of `path` across processes. Errors name the file.
-pub fn lock_beside(path: &std::path::Path) -> Result<std::fs::File, String> {
-    let lock_path = path.with_extension("lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("opening lock file {}: {e}", lock_path.display()))?;
-    // SAFETY: flock on an fd we own; blocks until the lock is ours.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "locking {}: {}",
-            lock_path.display(),
-            io::Error::last_os_error()
-        ));
-    }
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

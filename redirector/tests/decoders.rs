@@ -156,7 +156,7 @@ proptest! {
         let bad = format!("{text}{junk}\n");
         match store::parse(&bad, "store") {
             Ok(parsed) => prop_assert!(parsed.len() >= text.lines().count()),
-            Err(e) => prop_assert!(e.starts_with(&format!("store:{}:", text.lines().count() + 1)), "{}", e),
+            Err(e) => prop_assert!(e.to_string().starts_with(&format!("store:{}:", text.lines().count() + 1)), "{}", e),
         }
     }
 

@@ -43,7 +43,7 @@ pub fn server_args(
     .to_vec()
 }
 
-/// Arguments of `tunnel agent` for `node`, dialling `servers` (comma list), serving `ports`
+/// Arguments of `tunnel-agent` for `node`, dialling `servers` (comma list), serving `ports`
 /// (comma list) by dialling `dial` (comma list), metrics on `metrics_at`.
 pub fn agent_args(
     pki: &TestPki,
@@ -55,7 +55,6 @@ pub fn agent_args(
 ) -> Vec<String> {
     let (cert, key) = pki.agent(node);
     [
-        "agent",
         "--node-id",
         node,
         "--servers",
@@ -107,7 +106,7 @@ pub fn server(
     p
 }
 
-/// `tunnel agent` for `node` in the edge namespace, dialling `dial` on `ports` (comma list);
+/// `tunnel-agent` for `node` in the edge namespace, dialling `dial` on `ports` (comma list);
 /// returns once `server` logged the node's session.
 pub fn agent(
     w: &World,
@@ -127,7 +126,7 @@ pub fn agent(
         dial,
         "127.0.0.1:0",
     );
-    let p = LoggedProc::spawn(w, node, &w.edge, "tunnel", &strs(&args));
+    let p = LoggedProc::spawn(w, node, &w.edge, "tunnel-agent", &strs(&args));
     server.wait_log(&["agent session up", &format!("node={node}")]);
     p
 }

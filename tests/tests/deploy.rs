@@ -93,11 +93,14 @@ fn kustomization_lists_every_manifest() {
     assert_eq!(listed, present);
 }
 
+/// `bin [sub] --help`: `sub` is the first argument unless it is already a flag (a binary
+/// without subcommands, like `tunnel-agent`).
 fn help(bin: &str, sub: &str) -> String {
-    let out = Command::new(redirector_tests::spawn::workspace_bin(bin))
-        .args([sub, "--help"])
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(redirector_tests::spawn::workspace_bin(bin));
+    if !sub.starts_with("--") {
+        cmd.arg(sub);
+    }
+    let out = cmd.arg("--help").output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -122,7 +125,12 @@ fn every_flag_and_variable_the_manifests_set_exists() {
                 .collect();
             let text = help(bin, args[0]);
             assert!(!text.is_empty(), "{bin} {} --help", args[0]);
-            for flag in &args[1..] {
+            let flags = if args[0].starts_with("--") {
+                &args[..]
+            } else {
+                &args[1..]
+            };
+            for flag in flags {
                 let name = flag.split('=').next().unwrap();
                 assert!(
                     // `--flag <VALUE>`, or a switch alone on its line.

@@ -1,5 +1,5 @@
 //! Certificates with the real binaries: `tunnel server --ca-dir` creates the CA and serves
-//! enrollment, `tunnel token create` makes a token, `tunnel agent --cert-dir --token` enrolls
+//! enrollment, `tunnel token create` makes a token, `tunnel-agent --cert-dir --token` enrolls
 //! (its key made and kept on the node) and its session carries redirected connections; a reused
 //! token is refused with its reason. Root only.
 use std::process::Command;
@@ -67,8 +67,7 @@ fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
     let cert_dir = w.dir.join("agent-edge-a");
     let agent_args = |t: &str, dir: &std::path::Path| {
         vec![
-            "agent".to_owned(),
-            "--node-id".into(),
+            "--node-id".to_owned(),
             "edge-a".into(),
             "--servers".into(),
             agents_at.to_string(),
@@ -90,7 +89,7 @@ fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
     };
     let args = agent_args(&t, &cert_dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _agent = LoggedProc::spawn(&w, "agent-edge-a", &w.edge, "tunnel", &args);
+    let _agent = LoggedProc::spawn(&w, "agent-edge-a", &w.edge, "tunnel-agent", &args);
     server.wait_log(&["agent session up", "node=edge-a"]);
     assert!(
         cert_dir.join("tls.key").exists(),
@@ -102,7 +101,7 @@ fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
     // The same token again (another agent directory): refused, and the agent says why.
     let args = agent_args(&t, &w.dir.join("agent-again"));
     let out = {
-        let mut cmd = Command::new(workspace_bin("tunnel"));
+        let mut cmd = Command::new(workspace_bin("tunnel-agent"));
         cmd.args(&args);
         redirector_tests::spawn::place(&mut cmd, None, Some(&w.edge));
         cmd.output().unwrap()

@@ -12,10 +12,10 @@ use std::{
 };
 
 use bytes::Bytes;
+use edge_model::{OriginalDst, follow::Follower};
 use h2::client::SendRequest;
-use redirector::{OriginalDst, node_table::NodeTable};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
@@ -24,94 +24,27 @@ use crate::{
     metrics::{Direction, Reason, ServerMetrics},
     relay,
     relay::End,
+    wire,
 };
 
-/// Where connections to an address go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// The node's name, shared by all its addresses (one allocation per node, not per address).
-    Node(Arc<str>),
-    /// Several nodes list this address: refused, naming them, never guessed.
-    Ambiguous(Vec<Arc<str>>),
-}
-
-/// Address -> route, built from a node table.
-#[derive(Debug, Clone, Default)]
-pub struct Routes(HashMap<IpAddr, Route>);
-
-impl Routes {
-    pub fn from_table(table: &NodeTable) -> Self {
-        let mut routes: HashMap<IpAddr, Route> = HashMap::with_capacity(table.nodes.len() * 2);
-        for (id, addrs) in &table.nodes {
-            let id: Arc<str> = Arc::from(id.as_str());
-            for ip in addrs {
-                match routes.get_mut(ip) {
-                    None => {
-                        routes.insert(*ip, Route::Node(id.clone()));
-                    }
-                    Some(Route::Node(first)) => {
-                        let first = first.clone();
-                        routes.insert(*ip, Route::Ambiguous(vec![first, id.clone()]));
-                    }
-                    Some(Route::Ambiguous(v)) => v.push(id.clone()),
-                }
-            }
-        }
-        Routes(routes)
-    }
-
-    pub fn get(&self, ip: &IpAddr) -> Option<&Route> {
-        self.0.get(&ip.to_canonical())
-    }
-}
-
-/// Why a redirected connection was refused; also the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    NotRedirected,
-    UnknownNode,
-    Ambiguous,
-    NoSession,
-    StreamOpenFailed,
-    AgentRefused,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 6] = [
-        Refusal::NotRedirected,
-        Refusal::UnknownNode,
-        Refusal::Ambiguous,
-        Refusal::NoSession,
-        Refusal::StreamOpenFailed,
-        Refusal::AgentRefused,
-    ];
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::NotRedirected => "not_redirected",
-            Refusal::UnknownNode => "unknown_node",
-            Refusal::Ambiguous => "ambiguous_address",
-            Refusal::NoSession => "no_session",
-            Refusal::StreamOpenFailed => "stream_open_failed",
-            Refusal::AgentRefused => "agent_refused",
-        }
-    }
-}
+pub use edge_model::routes::{Route, Routes};
+pub use tunnel_proto::wire::{NODE_HEADER, Refusal};
 
 #[derive(Clone)]
 pub struct ServerConfig {
     /// Replaceable: a renewed server certificate or CA bundle applies to new sessions.
-    pub tls: crate::tls::Live<rustls::ServerConfig>,
+    pub tls: tunnel_proto::tls::Live<rustls::ServerConfig>,
     /// Receive window per stream: bounds the memory one slow client can pin.
     pub stream_window: u32,
     /// How long opening a stream (agent dial included) may take.
     pub open_timeout: Duration,
     /// TLS handshake deadline for agents.
     pub handshake_timeout: Duration,
-    pub keepalive: crate::keepalive::Keepalive,
+    pub keepalive: tunnel_proto::keepalive::Keepalive,
 }
 
 impl ServerConfig {
-    pub fn new(tls: impl Into<crate::tls::Live<rustls::ServerConfig>>) -> Self {
+    pub fn new(tls: impl Into<tunnel_proto::tls::Live<rustls::ServerConfig>>) -> Self {
         Self {
             tls: tls.into(),
             stream_window: 1 << 20,
@@ -127,21 +60,26 @@ struct Session {
     send: SendRequest<Bytes>,
 }
 
+/// Where routes come from: a fixed set (tests, benchmarks), or the node-table follower, whose
+/// current snapshot is read per connection and refreshed on a miss.
+enum Routing {
+    Fixed(RwLock<Arc<Routes>>),
+    Followed(Arc<Follower>),
+}
+
 struct Inner {
     cfg: ServerConfig,
-    routes: RwLock<Routes>,
+    routing: Routing,
     sessions: Mutex<HashMap<String, Session>>,
     next_session: AtomicU64,
     stats: ServerMetrics,
+    /// Every accepted redirected connection's task: what a stop drains.
+    connections: TaskTracker,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
 #[derive(Clone)]
 pub struct Server(Arc<Inner>);
-
-/// Header carrying the node ID the server meant, checked by the agent (defence in depth: the
-/// server already routes by the certificate's identity).
-pub const NODE_HEADER: &str = "x-edge-node";
 
 fn refuse_tcp(tcp: TcpStream) {
     // A reset, not a FIN: the client must not mistake a refusal for an empty answer.
@@ -151,17 +89,46 @@ fn refuse_tcp(tcp: TcpStream) {
 
 impl Server {
     pub fn new(cfg: ServerConfig, routes: Routes) -> Self {
+        Self::with_routing(cfg, Routing::Fixed(RwLock::new(Arc::new(routes))))
+    }
+
+    /// Routes from the node-table follower the redirector's maps come from too.
+    pub fn following(cfg: ServerConfig, nodes: Arc<Follower>) -> Self {
+        Self::with_routing(cfg, Routing::Followed(nodes))
+    }
+
+    fn with_routing(cfg: ServerConfig, routing: Routing) -> Self {
         Server(Arc::new(Inner {
             cfg,
-            routes: RwLock::new(routes),
+            routing,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             stats: ServerMetrics::default(),
+            connections: TaskTracker::new(),
         }))
     }
 
+    /// Replaces fixed routes (a server that follows the node table takes them from there).
     pub fn set_routes(&self, routes: Routes) {
-        *self.0.routes.write().unwrap() = routes;
+        match &self.0.routing {
+            Routing::Fixed(r) => *r.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes),
+            Routing::Followed(_) => {
+                tracing::warn!("set_routes on a server that follows the node table: ignored")
+            }
+        }
+    }
+
+    /// The route for a redirected destination. A miss is checked once more against the node
+    /// table file: the kernel redirected the address, so the table it came from has it, and
+    /// this server's snapshot may only be older.
+    async fn route(&self, ip: &IpAddr) -> Option<Route> {
+        match &self.0.routing {
+            Routing::Fixed(r) => r.read().unwrap_or_else(|p| p.into_inner()).get(ip).cloned(),
+            Routing::Followed(f) => match f.current().routes.get(ip) {
+                Some(r) => Some(r.clone()),
+                None => f.refreshed().await.routes.get(ip).cloned(),
+            },
+        }
     }
 
     pub fn stats(&self) -> &ServerMetrics {
@@ -177,6 +144,24 @@ impl Server {
                 reason: why.label(),
             })
             .get()
+    }
+
+    /// Waits until every accepted connection is done, or `deadline`; call once no ingress
+    /// accepts any more. Returns how many were still open at the deadline.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let open = &self.0.connections;
+        open.close();
+        tracing::info!(
+            streams = open.len(),
+            "stopping: no new connections; draining open streams"
+        );
+        if tokio::time::timeout(deadline, open.wait()).await.is_err() {
+            tracing::warn!(
+                streams = open.len(),
+                "drain deadline passed; closing the remaining streams"
+            );
+        }
+        open.len()
     }
 
     /// Node IDs with a live session.
@@ -335,7 +320,9 @@ impl Server {
                 None => None,
             };
             let server = self.clone();
-            tokio::spawn(async move { server.handle_redirected(tcp, orig).await });
+            self.0
+                .connections
+                .spawn(async move { server.handle_redirected(tcp, orig).await });
         }
     }
 
@@ -369,22 +356,29 @@ impl Server {
                 ),
             ));
         };
-        let route = self.0.routes.read().unwrap().get(&orig.addr.ip()).cloned();
+        let route = self.route(&orig.addr.ip()).await;
+        // Ambiguity is the kernel's verdict (it shipped it with the destination); the routes
+        // only name the nodes. Routes that cannot name one node are never guessed either.
         let node = match route {
-            None => {
+            Some(Route::Node(n)) if !orig.ambiguous => n,
+            None if !orig.ambiguous => {
                 return Err(self.refuse(
                     tcp,
                     Refusal::UnknownNode,
                     format!("{} is not a known node address; refused", orig.addr),
                 ));
             }
-            Some(Route::Ambiguous(nodes)) => {
+            other => {
+                let nodes = match other {
+                    Some(Route::Ambiguous(nodes)) => nodes,
+                    Some(Route::Node(n)) => vec![n],
+                    None => Vec::new(),
+                };
                 return Err(self.refuse(tcp, Refusal::Ambiguous, format!(
                     "{} belongs to several nodes {nodes:?}; refused rather than risk the wrong node: reach them by their unique tunnel addresses or names",
                     orig.addr.ip()
                 )));
             }
-            Some(Route::Node(n)) => n,
         };
         // Debug level: formatting the fields of an enabled span cost 2% of the server's CPU
         // per connection; the warnings below name node and destination themselves.
@@ -418,12 +412,7 @@ impl Server {
                 .ready()
                 .await
                 .map_err(|e| format!("session not ready: {e}"))?;
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(format!("127.0.0.1:{port}"))
-                .header(NODE_HEADER, &*node)
-                .body(())
-                .map_err(|e| e.to_string())?;
+            let req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
             send.send_request(req, false)
                 .map_err(|e| format!("opening stream: {e}"))
         };
@@ -455,16 +444,12 @@ impl Server {
                     return Some(r.into_body());
                 }
                 Ok(Ok(r)) => {
-                    let detail = r
-                        .headers()
-                        .get("x-edge-error")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
+                    let (reason, detail) = wire::refusal_of(&r);
+                    let reason = reason.map_or("unknown", Refusal::label);
                     (
                         Refusal::AgentRefused,
                         format!(
-                            "{dst} (node {node}): agent answered {}: {detail}",
+                            "{dst} (node {node}): agent answered {}: {detail} (agent reason {reason})",
                             r.status()
                         ),
                     )

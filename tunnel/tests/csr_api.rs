@@ -17,6 +17,52 @@ use tunnel::pki::{
     ca::{CaDir, node_csr},
     csr_api::{self, NODE_NAME_EXTRA, Policy, SIGNER},
 };
+use tunnel_agent::csr_api::{Reply, Transport, request as agent_csr_request};
+
+/// The agent's CSR client talks plain HTTP/JSON to the API server (no kube client): this
+/// stands in for the API server the way tower-test's handle does for kube's.
+struct AgentApi(tokio::sync::mpsc::UnboundedSender<(Request<Vec<u8>>, AgentReply)>);
+struct AgentReply(tokio::sync::oneshot::Sender<Response<Vec<u8>>>);
+struct AgentHandle(tokio::sync::mpsc::UnboundedReceiver<(Request<Vec<u8>>, AgentReply)>);
+
+impl Transport for AgentApi {
+    fn call(&self, req: Request<Vec<u8>>) -> Reply<'_> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.0.send((req, AgentReply(tx)));
+        Box::pin(async move {
+            sent.map_err(|_| tunnel::Error::Refused("API server stand-in gone".into()))?;
+            rx.await
+                .map_err(|_| tunnel::Error::Refused("API server stand-in gave no answer".into()))
+        })
+    }
+}
+
+impl AgentReply {
+    fn send_response(self, r: Response<Vec<u8>>) {
+        let _ = self.0.send(r);
+    }
+}
+
+impl AgentHandle {
+    async fn next_request(&mut self) -> Option<(Request<Vec<u8>>, AgentReply)> {
+        self.0.recv().await
+    }
+}
+
+fn agent_api() -> (AgentApi, AgentHandle) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (AgentApi(tx), AgentHandle(rx))
+}
+
+fn agent_respond(code: StatusCode, body: &Value) -> Response<Vec<u8>> {
+    let mut r = Response::new(serde_json::to_vec(body).unwrap());
+    *r.status_mut() = code;
+    r
+}
+
+fn agent_body(req: Request<Vec<u8>>) -> Value {
+    serde_json::from_slice(req.body()).unwrap()
+}
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -196,34 +242,34 @@ async fn the_signer_signs_a_csr_for_the_requesters_node_and_denies_one_for_anoth
 #[tokio::test]
 async fn the_agent_files_a_csr_and_waits_for_its_certificate_or_its_denial() {
     let (pem, _key) = node_csr("edge-a").unwrap();
-    let (client, mut api) = mock();
+    let (client, mut api) = agent_api();
     let server = tokio::spawn(async move {
         let (req, send) = api.next_request().await.unwrap();
         assert_eq!(req.method(), Method::POST);
-        let mut b = body(req).await;
+        let mut b = agent_body(req);
         assert_eq!(b["spec"]["signerName"], SIGNER);
         assert_eq!(b["metadata"]["generateName"], "edge-redirector-edge-a-");
         b["metadata"]["name"] = json!("edge-redirector-edge-a-x1");
-        send.send_response(respond(StatusCode::CREATED, &b));
+        send.send_response(agent_respond(StatusCode::CREATED, &b));
         // Pending, then signed.
         let (req, send) = api.next_request().await.unwrap();
         assert!(req.uri().path().ends_with("/edge-redirector-edge-a-x1"));
-        send.send_response(respond(StatusCode::OK, &b));
+        send.send_response(agent_respond(StatusCode::OK, &b));
         let (_, send) = api.next_request().await.unwrap();
         b["status"] =
             json!({"certificate": ByteString(b"-----BEGIN CERTIFICATE-----\nsigned\n".to_vec())});
-        send.send_response(respond(StatusCode::OK, &b));
+        send.send_response(agent_respond(StatusCode::OK, &b));
         // A second CSR, denied.
         let (req, send) = api.next_request().await.unwrap();
-        let mut b = body(req).await;
+        let mut b = agent_body(req);
         b["metadata"]["name"] = json!("edge-redirector-edge-a-x2");
-        send.send_response(respond(StatusCode::CREATED, &b));
+        send.send_response(agent_respond(StatusCode::CREATED, &b));
         let (_, send) = api.next_request().await.unwrap();
         b["status"] = json!({"conditions": [{"type": "Denied", "status": "True", "message": "the CSR asks for node \"edge-a\" but was requested from a pod on node \"edge-b\""}]});
-        send.send_response(respond(StatusCode::OK, &b));
+        send.send_response(agent_respond(StatusCode::OK, &b));
     });
-    let cert = csr_api::request(
-        client.clone(),
+    let cert = agent_csr_request(
+        &client,
         "edge-a",
         &pem,
         Duration::from_secs(3600),
@@ -232,8 +278,8 @@ async fn the_agent_files_a_csr_and_waits_for_its_certificate_or_its_denial() {
     .await
     .unwrap();
     assert!(cert.contains("signed"));
-    let e = csr_api::request(
-        client,
+    let e = agent_csr_request(
+        &client,
         "edge-a",
         &pem,
         Duration::from_secs(3600),

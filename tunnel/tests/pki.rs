@@ -20,15 +20,19 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    agent::{self, AgentConfig, AgentMetrics},
     pki::{
         ca::{CaDir, node_csr},
-        enroll::{self, AgentFiles, Enroller},
-        material::{AgentPki, Enrollment, ServerPki, renew_forever},
+        enroll::{self, Enroller},
+        material::ServerPki,
         token::TokenStore,
     },
     server::{Server, ServerConfig},
     tls::{self, Live},
+};
+use tunnel_agent::{
+    enroll::{self as agent_enroll, AgentFiles},
+    pki::{AgentPki, Enrollment, renew_forever},
+    session::{self as agent, AgentConfig, AgentMetrics},
 };
 
 fn temp(name: &str) -> PathBuf {
@@ -166,10 +170,9 @@ async fn refusal(
     bearer: Option<&str>,
     csr: &str,
 ) -> String {
-    enroll::request(&c.enroll_at, name(), tls, path, bearer, csr)
+    agent_enroll::request(&c.enroll_at, name(), tls, path, bearer, csr)
         .await
-        .err()
-        .expect("the request was refused")
+        .expect_err("the request was refused")
         .to_string()
 }
 

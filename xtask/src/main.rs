@@ -4,8 +4,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod dist;
+
 /// The nightly that builds the eBPF crate (see scripts/setup.sh for why this one).
-const BPF_TOOLCHAIN: &str = "nightly-2026-08-05";
+pub(crate) const BPF_TOOLCHAIN: &str = "nightly-2026-08-05";
 
 #[derive(Parser)]
 struct Cli {
@@ -23,9 +25,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (release build): `redirect`, `tunnel` or `nodes`.
+    /// Run a benchmark (release build): `redirect`, `tunnel`, `nodes` or `agent`.
     Bench {
         name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the binaries the images ship into target/dist/<platform>/ (the agent for
+    /// linux-amd64, linux-arm64 and linux-armv7; `--master` adds redirector and tunnel).
+    Dist {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -36,7 +44,7 @@ enum Task {
     },
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
     let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !st.success() {
@@ -45,12 +53,59 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The role split's dependency rules, from `cargo tree`: the edge agent (with or without its
+/// `csr-api` feature, which speaks to the API server without a Kubernetes client library),
+/// the protocol and the model link no eBPF (aya, the redirector and its build script) and no
+/// kube.
+fn dependency_rules() -> Result<()> {
+    let tree = |pkg: &str, features: &str| -> Result<Vec<String>> {
+        let mut cmd = cargo();
+        cmd.args(["tree", "-p", pkg, "-e", "normal", "--prefix", "none"]);
+        if !features.is_empty() {
+            cmd.args(["--features", features]);
+        }
+        let out = cmd.output().context("cargo tree")?;
+        if !out.status.success() {
+            bail!(
+                "cargo tree -p {pkg}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect())
+    };
+    const EBPF: [&str; 4] = ["aya", "aya-obj", "aya-build", "redirector"];
+    const KUBE: [&str; 3] = ["kube", "kube-client", "k8s-openapi"];
+    for (pkg, features, banned) in [
+        ("tunnel-agent", "", [&EBPF[..], &KUBE[..]].concat()),
+        ("tunnel-agent", "csr-api", [&EBPF[..], &KUBE[..]].concat()),
+        ("tunnel-proto", "", [&EBPF[..], &KUBE[..]].concat()),
+        ("edge-model", "", [&EBPF[..], &KUBE[..]].concat()),
+    ] {
+        let linked = tree(pkg, features)?;
+        let bad: Vec<&&str> = banned
+            .iter()
+            .filter(|b| linked.iter().any(|l| l == **b))
+            .collect();
+        if !bad.is_empty() {
+            bail!("dependency rule broken: {pkg} (features {features:?}) links {bad:?}");
+        }
+        eprintln!(
+            "xtask: dependency rule holds: {pkg} (features {features:?}) links none of {banned:?}"
+        );
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    dependency_rules()?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate in its own pass: its target and toolchain differ from the host's.
     let toolchain =
@@ -123,18 +178,41 @@ fn main() -> Result<()> {
             // The end-to-end tests start these binaries; `cargo test` alone builds only the
             // binaries of the package under test.
             run(cargo().args(["build", "--bins"]))?;
+            // What the images ship, which the image and cross-architecture tests check: the
+            // agent for every platform, the master binaries for this one.
+            for p in dist::PLATFORMS {
+                dist::agent(p)?;
+            }
+            dist::dist(&["--master".into(), "--platform".into(), "linux-amd64".into()])?;
             test_with_summary(&args)
         }
         Task::Bench { name, args } => {
             let bin = match name.as_str() {
                 "redirect" => "bench-redirect",
                 "tunnel" => "bench-tunnel",
+                "agent" => "bench-agent",
                 "nodes" => "bench-nodes",
-                other => bail!("unknown benchmark {other:?}; known: redirect, tunnel, nodes"),
+                other => {
+                    bail!("unknown benchmark {other:?}; known: redirect, tunnel, nodes, agent")
+                }
             };
             run(cargo().args(["build", "--release", "--bins"]))?;
+            if bin == "bench-agent" {
+                // What it compares: the shipped agent and a plain release build, per target.
+                for p in dist::PLATFORMS {
+                    dist::agent(p)?;
+                    dist::compile(
+                        p,
+                        "release",
+                        "tunnel-agent",
+                        &["csr-api"],
+                        &["tunnel-agent"],
+                    )?;
+                }
+            }
             run(Command::new(format!("target/release/{bin}")).args(args))
         }
+        Task::Dist { args } => dist::dist(&args),
         Task::Demo { args } => {
             run(cargo().args(["build", "--release", "--bins"]))?;
             run(Command::new("target/release/demo").args(args))

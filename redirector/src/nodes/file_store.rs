@@ -8,6 +8,7 @@ use std::{
 };
 
 use super::{
+    error::{Result, SyncError},
     pool::Allocations,
     store::{AllocationStore, Saved, parse, render},
 };
@@ -26,17 +27,18 @@ impl FileStore {
     }
 
     /// An exclusive lock held until the returned file is dropped.
-    fn lock(&self) -> Result<File, String> {
-        crate::sys::lock_beside(&self.path)
+    fn lock(&self) -> Result<File> {
+        edge_model::lock::lock_beside(&self.path)
+            .map_err(|e| SyncError::io(format!("locking beside {}", self.path.display()), e))
     }
 
-    fn read(&self) -> Result<(Allocations, String), String> {
+    fn read(&self) -> Result<(Allocations, String)> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Ok((Allocations::new(), String::new()));
             }
-            Err(e) => return Err(format!("reading {}: {e}", self.path.display())),
+            Err(e) => return Err(SyncError::io(format!("reading {}", self.path.display()), e)),
         };
         let generation = text
             .lines()
@@ -49,12 +51,12 @@ impl FileStore {
 }
 
 impl AllocationStore for FileStore {
-    async fn load(&self) -> Result<(Allocations, String), String> {
+    async fn load(&self) -> Result<(Allocations, String)> {
         let _lock = self.lock()?;
         self.read()
     }
 
-    async fn save(&self, allocations: &Allocations, version: &str) -> Result<Saved, String> {
+    async fn save(&self, allocations: &Allocations, version: &str) -> Result<Saved> {
         let _lock = self.lock()?;
         let (_, current) = self.read()?;
         if current != version {
@@ -68,7 +70,7 @@ impl AllocationStore for FileStore {
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+            .map_err(|e| SyncError::io(format!("writing {}", self.path.display()), e))?;
         Ok(Saved::Yes)
     }
 }

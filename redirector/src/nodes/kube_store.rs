@@ -14,6 +14,7 @@ use kube::{
 };
 
 use super::{
+    error::{Result, SyncError},
     pool::Allocations,
     store::{AllocationStore, Saved, parse, render},
 };
@@ -41,8 +42,8 @@ impl KubeStore {
         )
     }
 
-    fn describe(&self, op: &str, e: &kube::Error) -> String {
-        let hint = match e {
+    fn describe(&self, op: &str, e: kube::Error) -> SyncError {
+        let hint = match &e {
             kube::Error::Api(s) if s.is_forbidden() => {
                 "; grant get, create and update on it (deploy/rbac.yaml)"
             }
@@ -51,12 +52,16 @@ impl KubeStore {
             }
             _ => "",
         };
-        format!("{op} {}: {e}{hint}", self.what())
+        SyncError::Api {
+            what: format!("{op} {}", self.what()),
+            hint,
+            source: e,
+        }
     }
 }
 
 impl AllocationStore for KubeStore {
-    async fn load(&self) -> Result<(Allocations, String), String> {
+    async fn load(&self) -> Result<(Allocations, String)> {
         match self.api.get_opt(&self.name).await {
             Ok(None) => Ok((Allocations::new(), String::new())),
             Ok(Some(cm)) => {
@@ -69,11 +74,11 @@ impl AllocationStore for KubeStore {
                 let version = cm.metadata.resource_version.unwrap_or_default();
                 Ok((parse(text, &self.what())?, version))
             }
-            Err(e) => Err(self.describe("reading", &e)),
+            Err(e) => Err(self.describe("reading", e)),
         }
     }
 
-    async fn save(&self, allocations: &Allocations, version: &str) -> Result<Saved, String> {
+    async fn save(&self, allocations: &Allocations, version: &str) -> Result<Saved> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -98,7 +103,7 @@ impl AllocationStore for KubeStore {
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => {
                 Ok(Saved::Conflict)
             }
-            Err(e) => Err(self.describe("writing", &e)),
+            Err(e) => Err(self.describe("writing", e)),
         }
     }
 }

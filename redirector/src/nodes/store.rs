@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, time::Duration};
 
 use rand::Rng;
 
-use super::pool::{Allocations, Plan, Pool, plan};
+use super::{
+    error::{Result, SyncError},
+    pool::{Allocations, Plan, Pool, plan},
+};
 pub use super::{file_store::FileStore, kube_store::KubeStore};
 
 /// The outcome of a conditional write.
@@ -20,13 +23,13 @@ pub enum Saved {
 /// Persisted allocations with an opaque version for compare-and-swap.
 pub trait AllocationStore {
     /// The allocations and their version ("" when none were ever stored).
-    fn load(&self) -> impl Future<Output = Result<(Allocations, String), String>> + Send;
+    fn load(&self) -> impl Future<Output = Result<(Allocations, String)>> + Send;
     /// Writes `allocations` if the stored version is still `version`.
     fn save(
         &self,
         allocations: &Allocations,
         version: &str,
-    ) -> impl Future<Output = Result<Saved, String>> + Send;
+    ) -> impl Future<Output = Result<Saved>> + Send;
 }
 
 /// How many conflicts in a row before giving up (each retry rereads; with a handful of
@@ -40,7 +43,7 @@ pub async fn allocate<S: AllocationStore>(
     pool: &Pool,
     wanted: &BTreeSet<String>,
     hold: &(dyn Fn(&str) -> bool + Sync),
-) -> Result<Plan, String> {
+) -> Result<Plan> {
     for attempt in 1..=MAX_ATTEMPTS {
         let (current, version) = store.load().await?;
         let p = plan(&current, wanted, hold, pool);
@@ -57,9 +60,7 @@ pub async fn allocate<S: AllocationStore>(
             }
         }
     }
-    Err(format!(
-        "tunnel address allocation gave up after {MAX_ATTEMPTS} conflicting writes in a row; another writer keeps changing the allocation store"
-    ))
+    Err(SyncError::Contention(MAX_ATTEMPTS))
 }
 
 /// The allocations as text, one `name address` per line (the file store's and the
@@ -76,7 +77,7 @@ pub fn render(a: &Allocations) -> String {
 }
 
 /// The inverse of [`render`]; `what` names the source in errors.
-pub fn parse(text: &str, what: &str) -> Result<Allocations, String> {
+pub fn parse(text: &str, what: &str) -> Result<Allocations> {
     let mut a = Allocations::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -85,14 +86,14 @@ pub fn parse(text: &str, what: &str) -> Result<Allocations, String> {
         }
         let mut f = line.split_whitespace();
         let (Some(name), Some(ip), None) = (f.next(), f.next(), f.next()) else {
-            return Err(format!(
+            return Err(SyncError::Invalid(format!(
                 "{what}:{}: expected `<node-name> <address>`, got {line:?}",
                 i + 1
-            ));
+            )));
         };
-        let ip = ip
-            .parse()
-            .map_err(|_| format!("{what}:{}: {ip:?} is not an address", i + 1))?;
+        let ip = ip.parse().map_err(|_| {
+            SyncError::Invalid(format!("{what}:{}: {ip:?} is not an address", i + 1))
+        })?;
         a.insert(name.to_owned(), ip);
     }
     Ok(a)

@@ -38,6 +38,8 @@ use super::{
 };
 use crate::node_table::NodeTable;
 
+use super::error::{Result, SyncError};
+
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
     pub pool: Pool,
@@ -127,7 +129,7 @@ pub async fn reconcile<S: AllocationStore>(
     cfg: &SyncConfig,
     missing: &mut Missing,
     metrics: &SyncMetrics,
-) -> Result<Outcome, String> {
+) -> Result<Outcome> {
     let wanted = model::names(nodes);
     let (current, _) = store.load().await?;
     let now = Instant::now();
@@ -188,14 +190,14 @@ pub async fn reconcile<S: AllocationStore>(
 }
 
 /// Atomic replace, only when the content differs (the followers reload on mtime).
-fn write_if_changed(path: &Path, text: &str) -> Result<bool, String> {
+fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(false);
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("writing node table {}: {e}", path.display()))?;
+        .map_err(|e| SyncError::io(format!("writing node table {}", path.display()), e))?;
     Ok(true)
 }
 
@@ -262,7 +264,7 @@ pub async fn run_file(
     metrics: SyncMetrics,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<()> {
     let store = FileStore::new(&state_file);
     let mut missing = Missing::default();
     let mut reported = Reported::default();
@@ -274,7 +276,7 @@ pub async fn run_file(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let mtime = NodeTable::modified(&nodes_file);
+        let mtime = edge_model::follow::FileStamp::of(&nodes_file);
         if mtime == last_mtime && last_full.elapsed() < cfg.resync && ready.load(Ordering::Relaxed)
         {
             continue;
@@ -303,13 +305,13 @@ pub async fn run_file(
 }
 
 /// The nodes of an embedded-mode input file. `tunnel=` is refused: the pool assigns it.
-fn file_nodes(path: &Path) -> Result<Vec<EdgeNode>, String> {
-    let t = NodeTable::load(path).map_err(|e| e.to_string())?;
+fn file_nodes(path: &Path) -> Result<Vec<EdgeNode>> {
+    let t = NodeTable::load(path)?;
     if let Some((n, _)) = t.tunnel.iter().next() {
-        return Err(format!(
+        return Err(SyncError::Invalid(format!(
             "{}: node {n:?} has a tunnel= address, but with --pool the pool assigns them; remove tunnel= from the input",
             path.display()
-        ));
+        )));
     }
     Ok(t.nodes
         .into_iter()
@@ -392,7 +394,7 @@ pub async fn run_kube(
     metrics: SyncMetrics,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<()> {
     let nodes_api: Api<Node> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let watch = watcher(nodes_api, watcher::Config::default().labels(&k.selector));
@@ -412,7 +414,7 @@ pub async fn run_kube(
             ev = stream.next() => match ev {
                 Some(Ok(ev)) => view.apply(&ev),
                 Some(Err(e)) => { tracing::warn!("Node watch: {e}; retrying with backoff"); false }
-                None => return Err("the Node watch ended".into()),
+                None => return Err(SyncError::WatchEnded),
             },
             _ = resync.tick() => true,
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => true,
@@ -430,7 +432,7 @@ pub async fn run_kube(
                 ev = stream.next() => match ev {
                     Some(Ok(ev)) => { view.apply(&ev); }
                     Some(Err(e)) => tracing::warn!("Node watch: {e}"),
-                    None => return Err("the Node watch ended".into()),
+                    None => return Err(SyncError::WatchEnded),
                 },
             }
         }
@@ -458,27 +460,29 @@ pub async fn run_kube(
                 ready.store(true, Ordering::Relaxed);
                 retry = false;
             }
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 metrics.reconcile_errors.inc();
                 tracing::error!(
                     "node sync failed, keeping the previous node table (retrying in 1 s): {e}"
                 );
                 retry = true;
             }
+            Err(e) => {
+                // Retrying the same input gives the same answer: wait for a change or the
+                // periodic resync instead of repeating it every second.
+                metrics.reconcile_errors.inc();
+                tracing::error!(
+                    "node sync refused its input, keeping the previous node table until Nodes or the allocation store change: {e}"
+                );
+                retry = false;
+            }
         }
     }
 }
 
-/// A hosts file for CoreDNS's `hosts` plugin: node name -> tunnel address, for pods.
-pub fn coredns_hosts(t: &NodeTable) -> String {
-    let mut out = String::from("# managed by edge-redirector: edge node name -> tunnel address\n");
-    for (n, ip) in &t.tunnel {
-        out.push_str(&format!("{ip} {n}\n"));
-    }
-    out
-}
+pub use edge_model::hosts::coredns_hosts;
 
-async fn apply_hosts(api: &Api<ConfigMap>, name: &str, hosts: &str) -> Result<(), String> {
+async fn apply_hosts(api: &Api<ConfigMap>, name: &str, hosts: &str) -> Result<()> {
     let cm = ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -491,8 +495,10 @@ async fn apply_hosts(api: &Api<ConfigMap>, name: &str, hosts: &str) -> Result<()
     api.patch(name, &pp, &Patch::Apply(&cm))
         .await
         .map(|_| ())
-        .map_err(|e| {
-            format!("updating the CoreDNS hosts ConfigMap {name}: {e} (grant patch on it)")
+        .map_err(|e| SyncError::Api {
+            what: format!("updating the CoreDNS hosts ConfigMap {name}"),
+            hint: " (grant patch on it)",
+            source: e,
         })
 }
 
@@ -511,17 +517,20 @@ pub async fn serve(
     cfg: SyncConfig,
     metrics_listen: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<()> {
     let metrics = SyncMetrics::default();
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(at) = metrics_listen {
-        let listener = tokio::net::TcpListener::bind(at)
-            .await
-            .map_err(|e| format!("listening for metrics on {at} (--metrics-listen): {e}"))?;
+        let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+            SyncError::io(
+                format!("listening for metrics on {at} (--metrics-listen)"),
+                e,
+            )
+        })?;
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         let r = ready.clone();
-        tokio::spawn(crate::http::serve(
+        tokio::spawn(edge_cli::http::serve(
             listener,
             Arc::new(registry),
             Arc::new(move || r.load(Ordering::Relaxed)),
@@ -534,9 +543,7 @@ pub async fn serve(
             run_file(nodes, state, cfg, metrics, ready, shutdown).await
         }
         Source::Kube(k) => {
-            let client = Client::try_default().await.map_err(|e| {
-                format!("no Kubernetes client configuration (in-cluster service account, or KUBECONFIG): {e}")
-            })?;
+            let client = Client::try_default().await.map_err(SyncError::NoClient)?;
             run_kube(client, k, cfg, metrics, ready, shutdown).await
         }
     }

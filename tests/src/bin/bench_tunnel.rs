@@ -501,6 +501,37 @@ fn main() -> Result<()> {
         "127.0.0.1",
     );
 
+    // The agent as the images ship it (artifact profile: fat LTO, one codegen unit, cold crates
+    // for size), beside the release build, for edge-b: do the size settings cost speed?
+    let shipped = redirector_tests::spawn::workspace_bin("probe")
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|t| t.join("dist/linux-amd64/tunnel-agent"))
+        .filter(|p| p.exists());
+    let shipped_agent = match &shipped {
+        Some(bin) => {
+            let args = tunnel_procs::agent_args(
+                &pki,
+                "edge-b",
+                &st.agents_at.to_string(),
+                &ports,
+                "127.0.0.1",
+                "127.0.0.1:0",
+            );
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(&args);
+            redirector_tests::spawn::place(&mut cmd, None, Some(&w.edge));
+            let p = LoggedProc::start(&w.dir, "agent-edge-b-artifact", cmd);
+            st.server.wait_log(&["agent session up", "node=edge-b"]);
+            Some(p)
+        }
+        None => {
+            eprintln!(
+                "bench: target/dist/linux-amd64/tunnel-agent not built (cargo xtask dist); the shipped agent's path is skipped"
+            );
+            None
+        }
+    };
     let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let node = |p: u16| SocketAddr::from(([198, 51, 100, 10], p));
     let mut paths = vec![
@@ -527,6 +558,21 @@ fn main() -> Result<()> {
             cpu_pids: vec![],
         },
     ];
+
+    if let Some(a) = &shipped_agent {
+        let b = |p: u16| SocketAddr::from(([198, 51, 100, 11], p));
+        paths.push(Path {
+            name: "edge-redirector, shipped agent (artifact profile)",
+            ns: &w.master,
+            cg: Some(&w.cgroup),
+            echo: b(svc.echo),
+            discard: b(svc.discard),
+            firehose: b(svc.firehose),
+            hold: b(svc.hold),
+            pids: vec![st.server.child.id(), a.child.id()],
+            cpu_pids: vec![],
+        });
+    }
 
     // The floor: the same hops with nothing else (plain TCP, pre-dialled, no TLS, no mux).
     let floors = [

@@ -4,6 +4,13 @@
 //! connection open until all are connected), then each sends its token line and reads the
 //! server's one-line label. Prints a JSON array, one object per target.
 //!
+//! `probe halfclose T TEXT`: sends TEXT, shuts its sending side down (half-close), and reads
+//! until the server closes; prints `{"ok", "reply"}`.
+//!
+//! `probe first-redirected T --within-ms D`: connects again and again until a connect
+//! succeeds (before the kernel redirects T, it is unreachable from here), then reads what the
+//! server answers; prints `{"connected", "attempts", "reply" or "error"}`.
+//!
 //! `probe loop T --duration-ms D --max N`: connects, exchanges and closes one connection after
 //! another until D ms or N connections; prints a JSON summary with a count per label.
 use std::{
@@ -33,6 +40,15 @@ enum Cmd {
     /// prints the reply (an in-flight connection across some event).
     Hold {
         target: SocketAddr,
+    },
+    HalfClose {
+        target: SocketAddr,
+        text: String,
+    },
+    FirstRedirected {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        within_ms: u64,
     },
     Loop {
         target: SocketAddr,
@@ -121,6 +137,48 @@ fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Val
     json!({"ok": ok, "failed": failed, "labels": labels, "errors": errors, "elapsed_ms": start.elapsed().as_millis() as u64})
 }
 
+fn half_close(target: SocketAddr, text: &str) -> serde_json::Value {
+    use std::io::Read;
+    let r = open(target).and_then(|(mut s, _, _)| {
+        s.write_all(text.as_bytes())?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    });
+    match r {
+        Ok(reply) => json!({"ok": true, "reply": reply}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+fn first_redirected(target: SocketAddr, within: Duration) -> serde_json::Value {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut attempts = 0u64;
+    let mut last = String::new();
+    while start.elapsed() < within {
+        attempts += 1;
+        match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                return match s.read_to_end(&mut buf) {
+                    Ok(_) => {
+                        json!({"connected": true, "attempts": attempts, "reply": String::from_utf8_lossy(&buf)})
+                    }
+                    Err(e) => {
+                        json!({"connected": true, "attempts": attempts, "error": e.to_string()})
+                    }
+                };
+            }
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    json!({"connected": false, "attempts": attempts, "error": last})
+}
+
 fn hold(target: SocketAddr) -> serde_json::Value {
     let r = open(target).and_then(|(s, _, _)| {
         println!("connected");
@@ -144,6 +202,10 @@ fn main() {
             max,
         } => run_loop(target, Duration::from_millis(duration_ms), max),
         Cmd::Hold { target } => hold(target),
+        Cmd::HalfClose { target, text } => half_close(target, &text),
+        Cmd::FirstRedirected { target, within_ms } => {
+            first_redirected(target, Duration::from_millis(within_ms))
+        }
     };
     println!("{out}");
 }

@@ -5,8 +5,6 @@
 //! rotation removes the previous CA.
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -16,6 +14,9 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
+
+use tunnel_proto::identity::{BACKDATE, agent_params};
+pub use tunnel_proto::{files::write_private, identity::node_csr};
 
 use crate::{
     error::{Error, Result},
@@ -148,30 +149,6 @@ pub fn csr_node(csr_pem: &str) -> Result<String> {
     }
 }
 
-/// An agent certificate's subject: a common name for people, and the one URI SAN that is the
-/// node's identity.
-fn agent_params(node: &str) -> Result<CertificateParams> {
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
-    p.distinguished_name
-        .push(DnType::CommonName, format!("edge-redirector agent {node}"));
-    let uri = identity::node_uri(node)
-        .try_into()
-        .map_err(|_| Error::Identity(format!("{node:?} is not a valid node name")))?;
-    p.subject_alt_names = vec![SanType::URI(uri)];
-    Ok(p)
-}
-
-/// A new key and a CSR for `node` (what an agent sends; the key stays with it).
-pub fn node_csr(node: &str) -> Result<(String, String)> {
-    let p = agent_params(node)?;
-    let key = KeyPair::generate().map_err(tls_err)?;
-    let csr = p.serialize_request(&key).map_err(tls_err)?;
-    Ok((csr.pem().map_err(tls_err)?, key.serialize_pem()))
-}
-
-/// Issued certificates start this long before issuance: clocks of edge nodes drift.
-pub const BACKDATE: Duration = Duration::from_secs(300);
-
 fn validity(p: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
     p.not_before = now - BACKDATE;
@@ -286,22 +263,6 @@ impl CaDir {
         }
         Ok(())
     }
-}
-
-/// Writes a file only its owner can read (keys, and everything beside them).
-pub fn write_private(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

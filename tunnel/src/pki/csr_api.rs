@@ -9,14 +9,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
-    api::certificates::v1::{
-        CertificateSigningRequest, CertificateSigningRequestCondition,
-        CertificateSigningRequestSpec, CertificateSigningRequestStatus,
-    },
+    api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestCondition},
 };
 use kube::{
     Api, Client,
-    api::{ObjectMeta, PostParams},
+    api::PostParams,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio_util::sync::CancellationToken;
@@ -27,7 +24,7 @@ use crate::{
 };
 
 /// The signer name agents ask for; no built-in signer acts on it.
-pub const SIGNER: &str = "edge-redirector.io/tunnel-agent";
+pub const SIGNER: &str = tunnel_proto::identity::CSR_SIGNER;
 /// The user-info key a bound service account token carries its pod's node in.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
@@ -160,63 +157,4 @@ async fn handle(
         .map_err(|e| err("signing", e))?;
     tracing::info!(csr = %name, node = %node, "CSR signed");
     Ok(())
-}
-
-/// The agent's side: files a CSR for `node` and waits for its certificate (or its denial).
-pub async fn request(
-    client: Client,
-    node: &str,
-    csr_pem: &str,
-    lifetime: Duration,
-    wait: Duration,
-) -> Result<String> {
-    let api: Api<CertificateSigningRequest> = Api::all(client);
-    let csr = CertificateSigningRequest {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("edge-redirector-{node}-")),
-            ..Default::default()
-        },
-        spec: CertificateSigningRequestSpec {
-            request: ByteString(csr_pem.as_bytes().to_vec()),
-            signer_name: SIGNER.into(),
-            usages: Some(vec!["client auth".into(), "digital signature".into()]),
-            expiration_seconds: Some(lifetime.as_secs().min(i32::MAX as u64) as i32),
-            ..Default::default()
-        },
-        status: None,
-    };
-    let created = api
-        .create(&PostParams::default(), &csr)
-        .await
-        .map_err(|e| Error::Refused(format!("filing a CSR for node {node}: {e} (the agent's service account needs create on certificatesigningrequests)")))?;
-    let name = created.metadata.name.unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let c = api
-            .get(&name)
-            .await
-            .map_err(|e| Error::Refused(format!("reading CSR {name}: {e}")))?;
-        let status: CertificateSigningRequestStatus = c.status.unwrap_or_default();
-        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-            return Ok(String::from_utf8_lossy(&cert.0).into_owned());
-        }
-        if let Some(d) = status
-            .conditions
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.type_ == "Denied" || c.type_ == "Failed")
-        {
-            return Err(Error::Identity(format!(
-                "CSR {name} {}: {}",
-                d.type_.to_lowercase(),
-                d.message.unwrap_or_default()
-            )));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Refused(format!(
-                "CSR {name} not signed in {wait:?}: is a tunnel server running with --csr-signer?"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }

@@ -32,7 +32,7 @@ fn api_err(what: &str, e: kube::Error) -> Error {
         }
         _ => "",
     };
-    Error::TlsConfig(format!("{what}: {e}{hint}"))
+    Error::api(format!("{what}{hint}"), e)
 }
 
 impl SecretCa {

@@ -80,7 +80,7 @@ impl TokenStore {
     }
 
     fn lock(&self) -> Result<File, TokenError> {
-        redirector::sys::lock_beside(&self.path).map_err(TokenError::Store)
+        edge_model::lock::lock_beside(&self.path).map_err(|e| TokenError::Store(e.to_string()))
     }
 
     fn read(&self) -> Result<Vec<Entry>, TokenError> {

@@ -24,11 +24,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    agent::{self, AgentConfig, AgentMetrics},
     identity,
     server::{Routes, Server, ServerConfig},
     tls,
 };
+use tunnel_agent::session::{self as agent, AgentConfig, AgentMetrics};
 
 pub struct Ca {
     pub cert: CertificateDer<'static>,

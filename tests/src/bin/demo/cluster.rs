@@ -207,7 +207,7 @@ pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
             &format!("{},127.0.0.1", edge.spec.internal_ip),
             "127.0.0.1:10264",
         );
-        let cmd = w.on_edge(edge, &workspace_bin("tunnel"), &strs(&args));
+        let cmd = w.on_edge(edge, &workspace_bin("tunnel-agent"), &strs(&args));
         agents.push(LoggedProc::start(&w.dir, &format!("agent-{name}"), cmd));
         wait_until(&mut server, "tunnel server", |l| {
             l.lines()

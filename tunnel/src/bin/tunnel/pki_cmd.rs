@@ -72,7 +72,9 @@ pub async fn ca(cmd: CaCmd) -> Result<(), String> {
     let done = match (&place.ca_dir, &place.secret) {
         (Some(dir), _) => op(&CaDir::new(dir)).map(|()| dir.display().to_string()),
         (None, Some(spec)) => {
-            let s = crate::secret_ca("--secret", spec).await?;
+            let s = tunnel::run::secret_ca("--secret", spec)
+                .await
+                .map_err(|e| e.to_string())?;
             if matches!(cmd, CaCmd::Init(_)) {
                 s.ensure().await.map(drop)
             } else {

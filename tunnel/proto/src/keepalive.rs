@@ -4,7 +4,7 @@
 //! agent reconnects and the server stops routing to it.
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::{encoding::EncodeLabelSet, metrics::gauge::Gauge};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Keepalive {
@@ -126,4 +126,16 @@ mod tests {
             MAX_STREAM_WINDOW
         );
     }
+}
+
+/// Metric labels both ends use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    /// `to_node` (client -> edge service) or `from_node`.
+    pub direction: &'static str,
 }

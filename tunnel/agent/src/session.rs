@@ -1,7 +1,7 @@
-//! The edge agent: dials every server replica, proves its node identity with its client
-//! certificate, serves HTTP/2 on the connection it dialled, and answers each CONNECT stream by
-//! dialling its own node on an allow-listed port. It is not an open proxy: the host part of the
-//! request is ignored, only the configured local addresses are ever dialled.
+//! Sessions: one to every server replica, each serving HTTP/2 on the connection the agent
+//! dialled, each CONNECT stream answered by dialling this node on an allow-listed port. It is
+//! not an open proxy: the host part of the request is ignored, only the configured local
+//! addresses are ever dialled.
 use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
@@ -19,13 +19,14 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::metrics::AgentMetrics;
-use crate::{
+use tunnel_proto::{
     error::{Error, Result},
-    metrics::{Direction, Reason},
+    keepalive::{Direction, Reason},
     relay,
-    server::NODE_HEADER,
+    wire::{NODE_HEADER, Refusal, refusal_response},
 };
+
+pub use crate::metrics::AgentMetrics;
 
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -41,7 +42,7 @@ pub struct AgentConfig {
     pub server_name: ServerName<'static>,
     /// Replaceable: when it changes (a renewed certificate, a new CA bundle) the agent opens
     /// new sessions with it and drains the old ones.
-    pub tls: crate::tls::Live<rustls::ClientConfig>,
+    pub tls: tunnel_proto::tls::Live<rustls::ClientConfig>,
     /// Ports a stream may ask for.
     pub allowed_ports: BTreeSet<u16>,
     /// Local addresses to dial, in order (e.g. the node IP, then 127.0.0.1 for endpoints bound
@@ -50,7 +51,7 @@ pub struct AgentConfig {
     pub stream_window: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    pub keepalive: crate::keepalive::Keepalive,
+    pub keepalive: tunnel_proto::keepalive::Keepalive,
     /// How long a draining session (GOAWAY sent) may keep its open streams.
     pub drain_timeout: Duration,
 }
@@ -266,9 +267,9 @@ async fn session(
     up.store(true, Ordering::Relaxed);
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
     let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
-    let ka = crate::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx);
+    let ka = tunnel_proto::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx);
     tokio::pin!(ka);
-    let mut windows = crate::keepalive::Windows::new(rtt_rx, cfg.stream_window);
+    let mut windows = tunnel_proto::keepalive::Windows::new(rtt_rx, cfg.stream_window);
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     let mut draining = false;
@@ -291,7 +292,7 @@ async fn session(
             why = &mut ka => return Err(Error::Refused(format!("session with {server} is dead: {why}"))),
             Some((rtt, w)) = windows.resized() => {
                 // Streams' receive windows follow the link's bandwidth-delay product.
-                crate::keepalive::log_resize(server, rtt, w, conn.set_initial_window_size(w));
+                tunnel_proto::keepalive::log_resize(server, rtt, w, conn.set_initial_window_size(w));
                 continue;
             }
             n = conn.accept() => n,
@@ -307,13 +308,15 @@ async fn session(
     }
 }
 
-fn reject(mut respond: h2::server::SendResponse<Bytes>, status: u16, why: &str) {
-    let resp = http::Response::builder()
-        .status(status)
-        .header("x-edge-error", why)
-        .body(())
-        .expect("static response");
-    let _ = respond.send_response(resp, true);
+/// Refuses a stream: counted by reason, answered with the status and reason the server logs.
+fn reject(stats: &AgentMetrics, mut respond: h2::server::SendResponse<Bytes>, why: Refusal) {
+    stats
+        .refused
+        .get_or_create(&Reason {
+            reason: why.label(),
+        })
+        .inc();
+    let _ = respond.send_response(refusal_response(why), true);
 }
 
 async fn serve_stream(
@@ -323,36 +326,18 @@ async fn serve_stream(
     respond: h2::server::SendResponse<Bytes>,
 ) {
     if req.method() != http::Method::CONNECT {
-        stats
-            .refused
-            .get_or_create(&Reason {
-                reason: "not_connect",
-            })
-            .inc();
-        return reject(respond, 405, "only CONNECT is served");
+        return reject(stats, respond, Refusal::NotConnect);
     }
     if let Some(n) = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok())
         && n != cfg.node_id
     {
-        stats
-            .refused
-            .get_or_create(&Reason {
-                reason: "other_node",
-            })
-            .inc();
         tracing::warn!(asked = n, node = %cfg.node_id, "stream for another node refused");
-        return reject(respond, 421, "this agent serves another node");
+        return reject(stats, respond, Refusal::OtherNode);
     }
     let port = req.uri().port_u16();
     let Some(port) = port.filter(|p| cfg.allowed_ports.contains(p)) else {
-        stats
-            .refused
-            .get_or_create(&Reason {
-                reason: "port_not_allowed",
-            })
-            .inc();
         tracing::warn!(uri = %req.uri(), "stream for a port that is not allow-listed refused");
-        return reject(respond, 403, "port not allow-listed on this node");
+        return reject(stats, respond, Refusal::PortNotAllowed);
     };
     let mut last_err = None;
     let mut tcp = None;
@@ -366,14 +351,8 @@ async fn serve_stream(
         }
     }
     let Some(tcp) = tcp else {
-        stats
-            .refused
-            .get_or_create(&Reason {
-                reason: "dial_failed",
-            })
-            .inc();
         tracing::warn!(port, "local dial failed: {last_err:?}");
-        return reject(respond, 502, "nothing listens on that port on this node");
+        return reject(stats, respond, Refusal::DialFailed);
     };
     let _ = tcp.set_nodelay(true);
     stats.streams_total.inc();

@@ -23,6 +23,7 @@ use std::{
 use redirector_common::{Ip6Words, NodeValue, node_flags};
 
 use crate::error::{Error, Result};
+pub use crate::names::validate_node_id;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeTable {
@@ -47,11 +48,6 @@ impl NodeTable {
             source: e,
         })?;
         Self::parse(&text, path)
-    }
-
-    /// The file's modification time, to notice edits (None if it cannot be read now).
-    pub fn modified(path: &Path) -> Option<std::time::SystemTime> {
-        std::fs::metadata(path).and_then(|m| m.modified()).ok()
     }
 
     /// Parses the text of a node table; `file` names it in errors.
@@ -220,24 +216,6 @@ pub fn parse_address(s: &str) -> Result<IpAddr, String> {
         )),
         None => Ok(ip),
     }
-}
-
-/// Kubernetes node names are DNS subdomains (RFC 1123): lowercase alphanumerics, '-' and '.',
-/// starting and ending alphanumeric, at most 253 characters.
-pub fn validate_node_id(id: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if id.is_empty()
-        || id.len() > 253
-        || !id.chars().all(ok_char)
-        || !ends_ok(id.chars().next())
-        || !ends_ok(id.chars().last())
-    {
-        return Err(format!(
-            "{id:?} is not a valid node name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -4,6 +4,9 @@
 //! `urn:edge-redirector:node:<node-name>`, exactly one per certificate. The server reads it
 //! only from a chain rustls has already verified against the cluster CA; nothing the agent
 //! says on the wire can change it.
+use std::time::Duration;
+
+use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 use crate::error::{Error, Result};
@@ -45,14 +48,38 @@ pub fn node_id_from_cert(der: &[u8]) -> Result<String> {
     }
 }
 
-/// Kubernetes node names: DNS subdomains (lowercase alphanumerics, '-', '.').
-pub fn valid_node_name(id: &str) -> bool {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !id.is_empty()
-        && id.len() <= 253
-        && id.chars().all(|c| alnum(c) || c == '-' || c == '.')
-        && id.chars().next().is_some_and(alnum)
-        && id.chars().last().is_some_and(alnum)
+pub use edge_model::names::valid_node_name;
+
+/// The signer agents name in Kubernetes CSRs; no built-in signer acts on it, the tunnel
+/// server's `--csr-signer` does.
+pub const CSR_SIGNER: &str = "edge-redirector.io/tunnel-agent";
+
+/// An agent certificate's subject: a common name for people, and the one URI SAN that is the
+/// node's identity.
+pub fn agent_params(node: &str) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    p.distinguished_name
+        .push(DnType::CommonName, format!("edge-redirector agent {node}"));
+    let uri = node_uri(node)
+        .try_into()
+        .map_err(|_| Error::Identity(format!("{node:?} is not a valid node name")))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    Ok(p)
+}
+
+/// A new key and a CSR for `node` (what an agent sends; the key stays with it).
+pub fn node_csr(node: &str) -> Result<(String, String)> {
+    let p = agent_params(node)?;
+    let key = KeyPair::generate().map_err(tls_err)?;
+    let csr = p.serialize_request(&key).map_err(tls_err)?;
+    Ok((csr.pem().map_err(tls_err)?, key.serialize_pem()))
+}
+
+/// Issued certificates start this long before issuance: clocks of edge nodes drift.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
+fn tls_err(e: rcgen::Error) -> Error {
+    Error::TlsConfig(e.to_string())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The small HTTP endpoint both daemons serve: `/metrics` (Prometheus text from a
+//! The small HTTP endpoint every daemon serves: `/metrics` (Prometheus text from a
 //! prometheus-client registry), `/healthz` (the process runs) and `/readyz` (it does its job).
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 

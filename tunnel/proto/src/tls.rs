@@ -5,6 +5,8 @@ use std::sync::Arc;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, server::WebPkiClientVerifier};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use edge_model::follow::FileStamp;
+
 use crate::error::{Error, Result};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -196,11 +198,8 @@ pub async fn follow_files<T>(
     interval: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let stamp = |paths: &[std::path::PathBuf]| -> Vec<Option<std::time::SystemTime>> {
-        paths
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    let stamp = |paths: &[std::path::PathBuf]| -> Vec<Option<FileStamp>> {
+        paths.iter().map(|p| FileStamp::of(p)).collect()
     };
     let mut last = stamp(&paths);
     loop {

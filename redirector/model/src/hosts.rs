@@ -80,6 +80,15 @@ pub fn update(path: &Path, table: &NodeTable) -> Result<bool> {
     Ok(true)
 }
 
+/// A hosts file for CoreDNS's `hosts` plugin: node name -> tunnel address, for pods.
+pub fn coredns_hosts(t: &NodeTable) -> String {
+    let mut out = String::from("# managed by edge-redirector: edge node name -> tunnel address\n");
+    for (n, ip) in &t.tunnel {
+        out.push_str(&format!("{ip} {n}\n"));
+    }
+    out
+}
+
 /// Atomic replace where possible; in place where the file is a bind mount (a container's
 /// `/etc/hosts`), which cannot be renamed over.
 fn write(path: &Path, text: &str) -> Result<()> {

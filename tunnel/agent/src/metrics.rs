@@ -1,0 +1,61 @@
+//! The agent's Prometheus metrics, served with `/healthz` and `/readyz`.
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+pub use tunnel_proto::keepalive::{Direction, Reason};
+
+/// Agent-side metrics.
+#[derive(Clone, Default)]
+pub struct AgentMetrics {
+    pub sessions: Gauge,
+    pub sessions_established: Counter,
+    /// Sessions sent GOAWAY to drain (certificate rotation, shutdown).
+    pub sessions_drained: Counter,
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub bytes: Family<Direction, Counter>,
+    pub refused: Family<Reason, Counter>,
+    pub keepalive_rtt_us: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tunnel_agent_sessions",
+            "Server sessions currently up",
+            self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_agent_sessions_established",
+            "Server sessions established",
+            self.sessions_established.clone(),
+        );
+        r.register(
+            "tunnel_agent_sessions_drained",
+            "Server sessions drained with GOAWAY (certificate rotation, shutdown)",
+            self.sessions_drained.clone(),
+        );
+        r.register(
+            "tunnel_agent_streams_open",
+            "Streams currently relaying",
+            self.streams_open.clone(),
+        );
+        r.register(
+            "tunnel_agent_streams",
+            "Streams served",
+            self.streams_total.clone(),
+        );
+        r.register("tunnel_agent_bytes", "Bytes relayed", self.bytes.clone());
+        r.register(
+            "tunnel_agent_refused",
+            "Streams refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "tunnel_agent_keepalive_rtt_microseconds",
+            "Last keepalive round trip",
+            self.keepalive_rtt_us.clone(),
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! The kit every binary (redirector, tunnel, tunnel-agent) starts from, so that flags, logs and
+//! signals behave the same in each.
+//!
+//! - [`logging`]: `--log-format text|json`, `RUST_LOG` filter defaulting to `info`.
+//! - [`seconds`]: positive-seconds flags parsed once, into [`std::time::Duration`].
+//! - [`process`]: SIGTERM/SIGINT as a cancellation token, the runtime, the open-file limit.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+pub mod http;
+pub mod logging;
+pub mod process;
+pub mod seconds;
