@@ -11,7 +11,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use redirector_tests::{LoggedProc, World, bench::write_report, pki::TestPki, spawn, tunnel_procs};
+use redirector_tests::{
+    LoggedProc, World,
+    bench::{rss_kib, write_report},
+    pki::TestPki,
+    spawn, tunnel_procs,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -45,17 +50,6 @@ fn stripped_size(bin: &Path, strip: &str) -> Result<u64> {
     let n = std::fs::metadata(&tmp)?.len();
     std::fs::remove_file(&tmp)?;
     Ok(n)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Idle RSS (KiB) of the agent `bin` (through `runner`, e.g. qemu) with one session up.

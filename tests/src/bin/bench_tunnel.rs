@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use redirector_tests::{
     LoggedProc, Netns, World,
-    bench::{median, write_report},
+    bench::{median, rss_kib, write_report},
     free_addr,
     pki::TestPki,
     relay_floor, spawn, tunnel_procs,
@@ -364,17 +364,6 @@ fn holder(ns: &Netns, cg: Option<&redirector_tests::TestCgroup>, args: &[String]
     Ok(child)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// CPU time (ns) all threads of `pid` have run, from the scheduler's own accounting.
 fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -532,6 +521,18 @@ fn main() -> Result<()> {
             None
         }
     };
+    // A path through the tunnel: clients in the cgroup dial the node's address `at(port)`.
+    let tunnel_path = |name, at: &dyn Fn(u16) -> SocketAddr, pids| Path {
+        name,
+        ns: &w.master,
+        cg: Some(&w.cgroup),
+        echo: at(svc.echo),
+        discard: at(svc.discard),
+        firehose: at(svc.firehose),
+        hold: at(svc.hold),
+        pids,
+        cpu_pids: vec![],
+    };
     let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let node = |p: u16| SocketAddr::from(([198, 51, 100, 10], p));
     let mut paths = vec![
@@ -546,32 +547,20 @@ fn main() -> Result<()> {
             pids: vec![],
             cpu_pids: vec![],
         },
-        Path {
-            name: "edge-redirector (eBPF + h2/mTLS tunnel)",
-            ns: &w.master,
-            cg: Some(&w.cgroup),
-            echo: node(svc.echo),
-            discard: node(svc.discard),
-            firehose: node(svc.firehose),
-            hold: node(svc.hold),
-            pids: vec![st.server.child.id(), agent.child.id()],
-            cpu_pids: vec![],
-        },
+        tunnel_path(
+            "edge-redirector (eBPF + h2/mTLS tunnel)",
+            &node,
+            vec![st.server.child.id(), agent.child.id()],
+        ),
     ];
-
     if let Some(a) = &shipped_agent {
         let b = |p: u16| SocketAddr::from(([198, 51, 100, 11], p));
-        paths.push(Path {
-            name: "edge-redirector, shipped agent (artifact profile)",
-            ns: &w.master,
-            cg: Some(&w.cgroup),
-            echo: b(svc.echo),
-            discard: b(svc.discard),
-            firehose: b(svc.firehose),
-            hold: b(svc.hold),
-            pids: vec![st.server.child.id(), a.child.id()],
-            cpu_pids: vec![],
-        });
+        let pids = vec![st.server.child.id(), a.child.id()];
+        paths.push(tunnel_path(
+            "edge-redirector, shipped agent (artifact profile)",
+            &b,
+            pids,
+        ));
     }
 
     // The floor: the same hops with nothing else (plain TCP, pre-dialled, no TLS, no mux).

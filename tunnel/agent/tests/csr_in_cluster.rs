@@ -108,12 +108,18 @@ async fn api_server(
     (port, cert.pem(), seen)
 }
 
-#[tokio::test]
-async fn a_csr_is_filed_and_read_back_over_tls_with_the_service_account_token() {
-    let dir = temp("ok");
-    let (port, ca, seen) = api_server(false).await;
+type Seen = Arc<Mutex<Vec<(String, String, String, Value)>>>;
+
+/// The client as a pod has it: the stand-in's CA and a token file in `dir`.
+async fn in_cluster(
+    name: &str,
+    forbid: bool,
+    token: &str,
+) -> (std::path::PathBuf, InCluster, Seen) {
+    let dir = temp(name);
+    let (port, ca, seen) = api_server(forbid).await;
     std::fs::write(dir.join("ca.crt"), ca).unwrap();
-    std::fs::write(dir.join("token"), "tok-123\n").unwrap();
+    std::fs::write(dir.join("token"), token).unwrap();
     let api = InCluster::new(
         "127.0.0.1",
         &port.to_string(),
@@ -121,6 +127,12 @@ async fn a_csr_is_filed_and_read_back_over_tls_with_the_service_account_token() 
         &dir.join("token"),
     )
     .unwrap();
+    (dir, api, seen)
+}
+
+#[tokio::test]
+async fn a_csr_is_filed_and_read_back_over_tls_with_the_service_account_token() {
+    let (dir, api, seen) = in_cluster("ok", false, "tok-123\n").await;
     let cert = request(
         &api,
         "edge-a",
@@ -151,17 +163,7 @@ async fn a_csr_is_filed_and_read_back_over_tls_with_the_service_account_token() 
 
 #[tokio::test]
 async fn a_forbidden_answer_says_which_permission_is_missing() {
-    let dir = temp("forbidden");
-    let (port, ca, _) = api_server(true).await;
-    std::fs::write(dir.join("ca.crt"), ca).unwrap();
-    std::fs::write(dir.join("token"), "tok").unwrap();
-    let api = InCluster::new(
-        "127.0.0.1",
-        &port.to_string(),
-        &dir.join("ca.crt"),
-        &dir.join("token"),
-    )
-    .unwrap();
+    let (dir, api, _) = in_cluster("forbidden", true, "tok").await;
     let e = request(
         &api,
         "edge-a",
