@@ -14,6 +14,8 @@ pub struct ServerMetrics {
     pub sessions_accepted: Counter,
     pub sessions_rejected: Counter,
     pub sessions_dead: Counter,
+    /// A node's newer session took its new streams while an older one was still up.
+    pub session_takeovers: Counter,
     pub streams_open: Gauge,
     pub streams_total: Counter,
     pub streams_reset: Counter,
@@ -44,6 +46,11 @@ impl ServerMetrics {
             "tunnel_server_sessions_dead",
             "Agent sessions torn down by keepalive",
             self.sessions_dead.clone(),
+        );
+        r.register(
+            "tunnel_server_session_takeovers",
+            "Sessions that took a node's new streams while an older session of it was up (agent upgrades, rotations, or a second holder of its certificate)",
+            self.session_takeovers.clone(),
         );
         r.register(
             "tunnel_server_streams_open",

@@ -58,6 +58,7 @@ impl ServerConfig {
 struct Session {
     id: u64,
     send: SendRequest<Bytes>,
+    peer: SocketAddr,
 }
 
 /// Where routes come from: a fixed set (tests, benchmarks), or the node-table follower, whose
@@ -70,7 +71,9 @@ enum Routing {
 struct Inner {
     cfg: ServerConfig,
     routing: Routing,
-    sessions: Mutex<HashMap<String, Session>>,
+    /// Every live session of each node, oldest first: new streams go to the newest that takes
+    /// them, and a session that ends takes only its own streams (and its own entry) with it.
+    sessions: Mutex<HashMap<String, Vec<Session>>>,
     next_session: AtomicU64,
     stats: ServerMetrics,
     /// Every accepted redirected connection's task: what a stop drains.
@@ -166,7 +169,14 @@ impl Server {
 
     /// Node IDs with a live session.
     pub fn connected_nodes(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.0.sessions.lock().unwrap().keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .0
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -235,16 +245,19 @@ impl Server {
         // of one node would keep closing each other. A replaced session stays up, takes no new
         // streams, and ends when the agent drains it (GOAWAY) or its keepalive fails.
         let _held = send.clone();
-        self.0
-            .sessions
-            .lock()
-            .unwrap()
-            .insert(node.clone(), Session { id, send });
+        {
+            let mut sessions = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let live = sessions.entry(node.clone()).or_default();
+            if let Some(prev) = live.last() {
+                // A rolling upgrade or a rotation looks like this; so does a second process
+                // holding the node's certificate. Either way an operator must be able to see it.
+                self.0.stats.session_takeovers.inc();
+                tracing::warn!(node = %node, %peer, session = id, previous_peer = %prev.peer, previous_session = prev.id, "a second session of this node takes its new streams; the previous one stays up until it ends (expected during an agent upgrade or certificate rotation; otherwise another process holds this node's certificate)");
+            }
+            live.push(Session { id, send, peer });
+            self.0.stats.sessions.set(sessions.len() as i64);
+        }
         self.0.stats.sessions_accepted.inc();
-        self.0
-            .stats
-            .sessions
-            .set(self.0.sessions.lock().unwrap().len() as i64);
         tracing::info!(node = %node, %peer, session = id, "agent session up");
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
         let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
@@ -270,14 +283,25 @@ impl Server {
                 }
             }
         };
-        let mut sessions = self.0.sessions.lock().unwrap();
-        // A newer session of the same node may have replaced this one already.
-        if sessions.get(&node).is_some_and(|s| s.id == id) {
+        let mut sessions = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let remaining = match sessions.get_mut(&node) {
+            Some(live) => {
+                live.retain(|s| s.id != id);
+                live.last().map(|s| (s.id, s.peer))
+            }
+            None => None,
+        };
+        if remaining.is_none() {
             sessions.remove(&node);
         }
         self.0.stats.sessions.set(sessions.len() as i64);
         drop(sessions);
-        tracing::info!(node = %node, session = id, "agent session down");
+        match remaining {
+            Some((next, at)) => {
+                tracing::info!(node = %node, session = id, next_session = next, next_peer = %at, "agent session down; the node's other session takes its new streams")
+            }
+            None => tracing::info!(node = %node, session = id, "agent session down"),
+        }
         r
     }
 
@@ -393,25 +417,39 @@ impl Server {
         dst: SocketAddr,
     ) -> Result<relay::Outcome, Refusal> {
         let port = dst.port();
-        let send = self
+        // Newest first; one that no longer takes streams (its agent sent GOAWAY, or it is
+        // closing) hands the stream to the next.
+        let candidates: Vec<SendRequest<Bytes>> = self
             .0
             .sessions
             .lock()
-            .unwrap()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&*node)
-            .map(|s| s.send.clone());
-        let Some(send) = send else {
+            .map(|live| live.iter().rev().map(|s| s.send.clone()).collect())
+            .unwrap_or_default();
+        if candidates.is_empty() {
             return Err(self.refuse(
                 tcp,
                 Refusal::NoSession,
                 format!("node {node} has no agent session; refused"),
             ));
-        };
+        }
         let open = async {
-            let mut send = send
-                .ready()
-                .await
-                .map_err(|e| format!("session not ready: {e}"))?;
+            let mut last = None;
+            let mut ready = None;
+            for send in candidates {
+                match send.ready().await {
+                    Ok(s) => {
+                        ready = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let mut send = ready.ok_or_else(|| match last {
+                Some(e) => format!("session not ready: {e}"),
+                None => "session not ready".to_owned(),
+            })?;
             let req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
             send.send_request(req, false)
                 .map_err(|e| format!("opening stream: {e}"))
