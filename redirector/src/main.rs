@@ -41,7 +41,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Change the redirected ports of a running installation, without a restart.
+    /// Change the redirected ports of a running installation, without a restart. Added ports
+    /// stay redirected through restarts of `run` (until uninstall); declared ports (--ports)
+    /// removed here come back when `run` restarts.
     Ports {
         #[command(subcommand)]
         action: PortsAction,
@@ -188,13 +190,21 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
         Command::Ports { action } => {
             let mut maps = PinnedMaps::open(&cli.pin_dir)?;
             match action {
-                PortsAction::Add { ports } => ports.iter().try_for_each(|p| maps.add_port(*p))?,
+                PortsAction::Add { ports } => {
+                    ports.iter().try_for_each(|p| maps.add_port(*p))?;
+                    eprintln!(
+                        "redirected now, and through restarts of `redirector run` until uninstall; add them to --ports (REDIRECTOR_PORTS) to make them part of the declared configuration"
+                    );
+                }
                 PortsAction::Remove { ports } => {
                     for p in ports {
                         if !maps.remove_port(p)? {
                             eprintln!("port {p} was not redirected");
                         }
                     }
+                    eprintln!(
+                        "a port that --ports (REDIRECTOR_PORTS) lists is redirected again when `redirector run` restarts: remove it there to make this lasting"
+                    );
                 }
                 PortsAction::List => {}
             }

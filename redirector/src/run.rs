@@ -135,6 +135,59 @@ fn apply_node_table(
     Ok(())
 }
 
+/// The redirected ports once a start has reconciled the declared ones with the pinned map.
+struct AdoptedPorts {
+    now: BTreeSet<u16>,
+    /// Run-time ports (`redirector ports add`) the pinned map had and `--ports` does not list.
+    kept: usize,
+    /// Declared ports the pinned map lacked (new in `--ports`, or removed at run time).
+    added: usize,
+}
+
+impl AdoptedPorts {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::gauge::Gauge;
+        let (kept, added) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+        kept.set(self.kept as i64);
+        added.set(self.added as i64);
+        r.register(
+            "redirector_ports_kept_at_start",
+            "Run-time ports (ports add) found pinned at start and kept although --ports does not list them",
+            kept,
+        );
+        r.register(
+            "redirector_ports_added_at_start",
+            "Declared ports (--ports) the pinned map lacked at start",
+            added,
+        );
+    }
+}
+
+/// The declared ports (`--ports`) are the lasting truth; `ports add` and `ports remove` change
+/// the pinned map, which outlives this process. A start therefore only adds: a port the
+/// pinned map redirects stays redirected through the restart (removing it here would let its
+/// connections escape to the real address), and a declared port the map lacks is added. Both
+/// differences are logged and counted; a fresh install starts from the declared ports alone.
+fn adopt_ports(maps: &mut PinnedMaps, declared: &BTreeSet<u16>) -> Result<AdoptedPorts> {
+    let pinned = maps.ports()?;
+    let kept: Vec<u16> = pinned.difference(declared).copied().collect();
+    let added: Vec<u16> = declared.difference(&pinned).copied().collect();
+    for p in &added {
+        maps.add_port(*p)?;
+    }
+    if !kept.is_empty() {
+        tracing::warn!(ports = ?kept, "ports added at run time are still redirected (kept from the pinned map); add them to --ports (REDIRECTOR_PORTS) to make them lasting, or `redirector ports remove` them");
+    }
+    if !added.is_empty() && !pinned.is_empty() {
+        tracing::info!(ports = ?added, "declared ports the pinned map lacked are redirected again (new in --ports, or removed at run time)");
+    }
+    Ok(AdoptedPorts {
+        now: maps.ports()?,
+        kept: kept.len(),
+        added: added.len(),
+    })
+}
+
 /// Installs and serves until `shutdown` is cancelled. Pins stay in place on return.
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
@@ -150,7 +203,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     );
     let mut maps = PinnedMaps::open(&cfg.install.pin_dir)?;
     maps.set_config(&kernel_config(&cfg)?)?;
-    maps.set_ports(&cfg.ports)?;
+    let ports = adopt_ports(&mut maps, &cfg.ports)?;
     let ambiguous = Arc::new(AtomicU64::new(0));
     let mut snapshots = nodes.subscribe();
     apply_node_table(&mut maps, &cfg, &snapshots.borrow_and_update(), &ambiguous)?;
@@ -165,6 +218,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         let collector =
             MapsCollector::new(PinnedMaps::open(&cfg.install.pin_dir)?, ambiguous.clone());
         registry.register_collector(Box::new(collector));
+        ports.register(&mut registry);
         // Ready from here on: the programs are attached and the maps filled.
         tokio::spawn(edge_cli::http::serve(
             listener,
@@ -178,7 +232,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         std::fs::write(ready, b"ready\n")
             .map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
     }
-    tracing::info!(ports = ?cfg.ports, "redirector ready");
+    tracing::info!(ports = ?ports.now, "redirector ready");
 
     // The one node-table follower: polls, and reloads at once on SIGHUP.
     tokio::spawn(nodes.clone().run(cfg.reload_interval, shutdown.clone()));
