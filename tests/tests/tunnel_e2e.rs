@@ -209,3 +209,31 @@ fn an_ipv6_node_address_travels_the_ipv6_ingress_to_that_nodes_agent() {
         "{metrics}"
     );
 }
+
+#[test]
+fn an_agent_whose_node_id_differs_from_its_certificate_refuses_to_start_naming_both() {
+    let dir = std::env::temp_dir().join(format!("agent-node-id-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = TestPki::new(&dir);
+    let mut args = tunnel_procs::agent_args(
+        &pki,
+        "edge-a",
+        "127.0.0.1:1",
+        "10250",
+        "127.0.0.1",
+        "127.0.0.1:0",
+    );
+    let i = args.iter().position(|a| a == "--node-id").unwrap();
+    args[i + 1] = "edge-b".into();
+    let out = std::process::Command::new(redirector_tests::spawn::workspace_bin("tunnel-agent"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"--node-id is "edge-b""#) && err.contains(r#"names node "edge-a""#),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
