@@ -7,6 +7,11 @@ use prometheus_client::{
 
 pub use tunnel_proto::keepalive::{Direction, Reason};
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
 /// Server-side metrics. Cloning shares the underlying values.
 #[derive(Clone, Default)]
 pub struct ServerMetrics {
@@ -16,6 +21,8 @@ pub struct ServerMetrics {
     pub sessions_dead: Counter,
     /// A node's newer session took its new streams while an older one was still up.
     pub session_takeovers: Counter,
+    /// Failed accepts per listener (resource errors pause the loop instead of spinning).
+    pub accept_errors: Family<ListenerLabel, Counter>,
     pub streams_open: Gauge,
     pub streams_total: Counter,
     pub streams_reset: Counter,
@@ -46,6 +53,11 @@ impl ServerMetrics {
             "tunnel_server_sessions_dead",
             "Agent sessions torn down by keepalive",
             self.sessions_dead.clone(),
+        );
+        r.register(
+            "tunnel_server_accept_errors",
+            "Failed accepts by listener (out of descriptors or memory pauses the loop instead of spinning)",
+            self.accept_errors.clone(),
         );
         r.register(
             "tunnel_server_session_takeovers",

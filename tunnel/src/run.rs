@@ -108,7 +108,7 @@ pub async fn run(
     }
     keep_current(agents_tls, &pki, ServerPki::agents_config, &shutdown);
     if let Some(l) = listeners.enroll {
-        start_enrollment(&s, &pki, l, &shutdown)?;
+        start_enrollment(&s, &pki, l, server.accept_errors("enrollment"), &shutdown)?;
     }
     if let Some(sa) = &s.csr_signer {
         start_csr_signer(&s, sa, &shutdown).await?;
@@ -234,6 +234,7 @@ fn start_enrollment(
     s: &Settings,
     pki: &Arc<ServerPki>,
     listener: TcpListener,
+    accept_errors: prometheus_client::metrics::counter::Counter,
     stop: &CancellationToken,
 ) -> Result<()> {
     let dir = ca_dir(s, "--enroll-listen")?;
@@ -245,7 +246,13 @@ fn start_enrollment(
     });
     let live = Live::new(pki.enrollment_config()?);
     keep_current(live.clone(), pki, ServerPki::enrollment_config, stop);
-    tokio::spawn(enroll::serve(listener, live, enroller, stop.clone()));
+    tokio::spawn(enroll::serve(
+        listener,
+        live,
+        enroller,
+        accept_errors,
+        stop.clone(),
+    ));
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use edge_cli::accept::Acceptor;
 use edge_model::{OriginalDst, follow::Follower};
 use h2::client::SendRequest;
 use tokio::net::{TcpListener, TcpStream};
@@ -167,6 +168,18 @@ impl Server {
         open.len()
     }
 
+    /// The counter of failed accepts on `listener` (`agents`, `ingress`, `enrollment`).
+    pub fn accept_errors(
+        &self,
+        listener: &'static str,
+    ) -> prometheus_client::metrics::counter::Counter {
+        self.0
+            .stats
+            .accept_errors
+            .get_or_create(&crate::metrics::ListenerLabel { listener })
+            .clone()
+    }
+
     /// Node IDs with a live session.
     pub fn connected_nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -183,16 +196,11 @@ impl Server {
 
     /// Accepts agent sessions until `shutdown`.
     pub async fn serve_agents(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let mut listener = Acceptor::new(listener, "agent listener", self.accept_errors("agents"));
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("agent listener accept: {e}");
-                        continue;
-                    }
-                },
+                x = listener.accept() => x,
             };
             let server = self.clone();
             // The configuration current at accept time (certificates and CAs reload live).
@@ -327,16 +335,11 @@ impl Server {
             .local_addr()
             .ok()
             .filter(|a| !a.ip().is_unspecified());
+        let mut listener = Acceptor::new(listener, "ingress", self.accept_errors("ingress"));
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("ingress accept: {e}");
-                        continue;
-                    }
-                },
+                x = listener.accept() => x,
             };
             // Looked up on the accept path, before the next accept (entries are per 4-tuple).
             let orig = match bound.or_else(|| tcp.local_addr().ok()) {

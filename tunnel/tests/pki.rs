@@ -96,7 +96,13 @@ async fn cluster(name: &str, lifetime: Duration) -> Cluster {
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let enroll_at = l.local_addr().unwrap().to_string();
-    tokio::spawn(enroll::serve(l, enroll_live, enroller, stop.clone()));
+    tokio::spawn(enroll::serve(
+        l,
+        enroll_live,
+        enroller,
+        Default::default(),
+        stop.clone(),
+    ));
     Cluster {
         tokens: TokenStore::new(&tokens_path),
         dir,

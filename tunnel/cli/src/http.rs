@@ -16,10 +16,13 @@ pub async fn serve(
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
     shutdown: CancellationToken,
 ) {
+    // Not counted: this endpoint's own registry is already built; the log says it.
+    let mut listener =
+        crate::accept::Acceptor::new(listener, "metrics endpoint", Default::default());
     loop {
         let (tcp, _peer): (_, SocketAddr) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            x = listener.accept() => x,
         };
         let (registry, ready) = (registry.clone(), ready.clone());
         tokio::spawn(async move {

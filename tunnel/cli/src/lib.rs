@@ -5,7 +5,11 @@
 //! - [`seconds`]: positive-seconds flags parsed once, into [`std::time::Duration`].
 //! - [`process`]: SIGTERM/SIGINT as a cancellation token, the runtime, the open-file limit.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`accept`]: accept loops that back off on resource errors; [`warn_every`]: aggregated
+//!   warnings for what outsiders can trigger.
+pub mod accept;
 pub mod http;
 pub mod logging;
 pub mod process;
 pub mod seconds;
+pub mod warn_every;

@@ -99,19 +99,20 @@ impl Enroller {
 
 /// Serves the enrollment endpoint until `shutdown`. `tls` must offer (not require) client
 /// certificates: enrollment has none yet, renewal does.
+///
+/// `accept_errors` counts failed accepts (resource errors pause the loop instead of spinning).
 pub async fn serve(
     listener: TcpListener,
     tls: crate::tls::Live<rustls::ServerConfig>,
     enroller: Arc<Enroller>,
+    accept_errors: prometheus_client::metrics::counter::Counter,
     shutdown: CancellationToken,
 ) {
+    let mut listener = edge_cli::accept::Acceptor::new(listener, "enrollment", accept_errors);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { tracing::warn!("enrollment accept: {e}"); continue; }
-            },
+            x = listener.accept() => x,
         };
         let (acceptor, enroller) = (tokio_rustls::TlsAcceptor::from(tls.get()), enroller.clone());
         tokio::spawn(async move {
