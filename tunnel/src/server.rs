@@ -79,6 +79,7 @@ struct Inner {
     stats: ServerMetrics,
     /// Every accepted redirected connection's task: what a stop drains.
     connections: TaskTracker,
+    refused_warn: Mutex<edge_cli::warn_every::WarnKinds>,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -109,6 +110,9 @@ impl Server {
             next_session: AtomicU64::new(1),
             stats: ServerMetrics::default(),
             connections: TaskTracker::new(),
+            refused_warn: Mutex::new(edge_cli::warn_every::WarnKinds::new(Duration::from_secs(
+                10,
+            ))),
         }))
     }
 
@@ -209,7 +213,15 @@ impl Server {
             tokio::spawn(async move {
                 if let Err(e) = server.agent_session(acceptor, tcp, peer, shutdown).await {
                     server.0.stats.sessions_rejected.inc();
-                    tracing::warn!(%peer, "agent session refused or failed: {e}");
+                    // Anyone can make a handshake fail: a flood of one reason is one line
+                    // per 10 s (the counter keeps the exact number), other reasons still show.
+                    let msg = e.to_string();
+                    let mut w = server
+                        .0
+                        .refused_warn
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    w.warn(&msg, |more| tracing::warn!(%peer, "agent session refused or failed: {msg}{more}"));
                 }
             });
         }

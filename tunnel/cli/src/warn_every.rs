@@ -37,9 +37,62 @@ impl WarnEvery {
     }
 }
 
+/// [`WarnEvery`] per kind of message: a flood of one kind is aggregated while a different
+/// reason still gets its own first line. Kinds are bounded (a flood of distinct texts cannot
+/// grow it): past `MAX_KINDS` they share one window.
+pub struct WarnKinds {
+    window: Duration,
+    kinds: std::collections::HashMap<String, WarnEvery>,
+    overflow: WarnEvery,
+}
+
+const MAX_KINDS: usize = 64;
+
+impl WarnKinds {
+    pub fn new(window: Duration) -> Self {
+        WarnKinds {
+            window,
+            kinds: std::collections::HashMap::new(),
+            overflow: WarnEvery::new(window),
+        }
+    }
+
+    pub fn warn(&mut self, kind: &str, emit: impl FnOnce(&str)) {
+        if let Some(w) = self.kinds.get_mut(kind) {
+            return w.warn(emit);
+        }
+        if self.kinds.len() >= MAX_KINDS {
+            return self.overflow.warn(emit);
+        }
+        let mut w = WarnEvery::new(self.window);
+        w.warn(emit);
+        self.kinds.insert(kind.to_owned(), w);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_gets_its_first_line_and_a_flood_of_one_kind_is_held_back() {
+        let mut w = WarnKinds::new(Duration::from_secs(10));
+        let mut lines = Vec::new();
+        for i in 0..1000 {
+            w.warn("TLS handshake timed out", |m| {
+                lines.push(format!("timeout{m}"))
+            });
+            if i == 500 {
+                w.warn("unknown issuer", |m| lines.push(format!("issuer{m}")));
+            }
+        }
+        assert_eq!(lines, ["timeout", "issuer"]);
+        for i in 0..1000 {
+            w.warn(&format!("distinct {i}"), |_| lines.push("distinct".into()));
+        }
+        // 62 more kinds fit (64 in all), the rest share one window.
+        assert_eq!(lines.len(), 2 + 62 + 1, "{}", lines.len());
+    }
 
     #[test]
     fn a_flood_gives_one_line_per_window_and_the_next_says_how_many_were_held_back() {
