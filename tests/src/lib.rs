@@ -211,6 +211,15 @@ impl World {
         })
     }
 
+    /// `probe loop TARGET` for `duration_ms` from a client in the cgroup and the master
+    /// namespace, started now (connections go on across whatever the test does meanwhile).
+    pub fn connect_loop(&self, target: &str, duration_ms: u64) -> ConnectLoop {
+        let mut cmd = Command::new(spawn::workspace_bin("probe"));
+        cmd.args(["loop", target, "--duration-ms", &duration_ms.to_string()]);
+        spawn::place(&mut cmd, Some(&self.cgroup), Some(&self.master));
+        ConnectLoop(cmd.stdout(Stdio::piped()).spawn().expect("probe loop"))
+    }
+
     /// Runs the redirector CLI (not `run`) against this world's pins.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(spawn::workspace_bin("redirector"))
@@ -230,6 +239,17 @@ impl Drop for World {
             eprintln!("cleanup: uninstall {}: {e}", self.pin_dir.display());
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `probe loop` ([`World::connect_loop`]).
+pub struct ConnectLoop(std::process::Child);
+
+impl ConnectLoop {
+    /// Waits for the loop's end: its JSON summary (`ok`, `failed`, `labels`, `errors`).
+    pub fn summary(self) -> serde_json::Value {
+        let out = self.0.wait_with_output().expect("probe loop");
+        serde_json::from_slice(&out.stdout).expect("loop JSON")
     }
 }
 

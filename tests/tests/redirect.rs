@@ -245,20 +245,13 @@ fn sigkill_during_a_connect_loop_lets_nothing_escape_and_the_restart_adopts_the_
     let mut first = w.start_redirector(&[]);
     let before = status_json(&w);
 
-    let mut cmd = Command::new(redirector_tests::spawn::workspace_bin("probe"));
-    cmd.args(["loop", "198.51.100.11:10250", "--duration-ms", "3000"]);
-    redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
-    let client = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("probe loop");
+    let client = w.connect_loop("198.51.100.11:10250", 3000);
 
     thread::sleep(Duration::from_millis(500));
     first.sigkill();
     thread::sleep(Duration::from_millis(500)); // connections go on with no redirector process
     let second = w.start_redirector(&[]);
-    let out = client.wait_with_output().expect("probe loop");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("loop JSON");
+    let summary = client.summary();
 
     assert_eq!(summary["failed"], 0, "{summary}");
     let labels = summary["labels"].as_object().unwrap();

@@ -1,7 +1,7 @@
 //! Run-time state survives a restart: a port added with `redirector ports add` stays
 //! redirected while `redirector run` is SIGKILLed and started again, and not one connection to
 //! it escapes to the real address in between. Root only.
-use std::{process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use redirector_tests::World;
 
@@ -24,19 +24,12 @@ fn a_port_added_at_run_time_survives_a_sigkill_and_restart_with_nothing_escaping
 
     // The edge host really listens on 9100: an escaped connection is answered "edge ...".
     let target = "198.51.100.10:9100";
-    let mut cmd = Command::new(redirector_tests::spawn::workspace_bin("probe"));
-    cmd.args(["loop", target, "--duration-ms", "3000"]);
-    redirector_tests::spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
-    let client = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("probe loop");
+    let client = w.connect_loop(target, 3000);
     thread::sleep(Duration::from_millis(500));
     first.sigkill();
     thread::sleep(Duration::from_millis(500));
     let second = w.start_redirector(&[]);
-    let out = client.wait_with_output().expect("probe loop");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("loop JSON");
+    let summary = client.summary();
 
     assert_eq!(summary["failed"], 0, "{summary}");
     assert!(
