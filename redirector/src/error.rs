@@ -8,7 +8,8 @@ pub enum Error {
     #[error(
         "no cgroup v2 filesystem is mounted (none in /proc/self/mountinfo); the redirector \
          attaches to a cgroup v2 subtree. Boot with systemd.unified_cgroup_hierarchy=1 or mount \
-         one: `mount -t cgroup2 none /sys/fs/cgroup`"
+         one: `mount -t cgroup2 none /sys/fs/cgroup`. Under `ip netns exec`, which remounts \
+         /sys without it, enter the namespace with `nsenter --net=/run/netns/NAME` instead"
     )]
     NoCgroup2,
 

@@ -7,10 +7,14 @@ use tunnel::pki::{ca::CaDir, token::TokenStore};
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// Create a single-use bootstrap token for one node; prints it (store it nowhere else).
+    #[command(group(clap::ArgGroup::new("store").required(true).args(["tokens", "ca_dir"])))]
     Create {
-        /// The token store (the server's --tokens, by default <ca-dir>/tokens).
+        /// The token store (the server's --tokens).
         #[arg(long, env = "TUNNEL_TOKENS")]
-        tokens: PathBuf,
+        tokens: Option<PathBuf>,
+        /// The server's --ca-dir: its token store <ca-dir>/tokens, as the server uses it.
+        #[arg(long, env = "TUNNEL_CA_DIR")]
+        ca_dir: Option<PathBuf>,
         /// The node this token may enroll.
         #[arg(long)]
         node: String,
@@ -48,9 +52,15 @@ pub fn token(cmd: TokenCmd) -> Result<(), String> {
     match cmd {
         TokenCmd::Create {
             tokens,
+            ca_dir,
             node,
             ttl_minutes,
         } => {
+            let tokens = match (tokens, ca_dir) {
+                (Some(t), _) => t,
+                (None, Some(dir)) => dir.join("tokens"),
+                (None, None) => unreachable!("clap requires one of --tokens and --ca-dir"),
+            };
             if !tunnel::identity::valid_node_name(&node) {
                 return Err(format!("{node:?} is not a valid node name"));
             }
