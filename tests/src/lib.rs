@@ -214,8 +214,15 @@ impl World {
     /// `probe loop TARGET` for `duration_ms` from a client in the cgroup and the master
     /// namespace, started now (connections go on across whatever the test does meanwhile).
     pub fn connect_loop(&self, target: &str, duration_ms: u64) -> ConnectLoop {
+        self.paced_loop(target, duration_ms, 0)
+    }
+
+    /// [`Self::connect_loop`] with `pause_ms` between connections (a steady client rather
+    /// than a flood, for tests that measure gaps while processes restart).
+    pub fn paced_loop(&self, target: &str, duration_ms: u64, pause_ms: u64) -> ConnectLoop {
         let mut cmd = Command::new(spawn::workspace_bin("probe"));
         cmd.args(["loop", target, "--duration-ms", &duration_ms.to_string()]);
+        cmd.args(["--pause-ms", &pause_ms.to_string()]);
         spawn::place(&mut cmd, Some(&self.cgroup), Some(&self.master));
         ConnectLoop(cmd.stdout(Stdio::piped()).spawn().expect("probe loop"))
     }
@@ -371,13 +378,22 @@ impl LoggedProc {
 
     /// Waits until a log line contains every one of `parts`.
     pub fn wait_log(&mut self, parts: &[&str]) {
+        self.wait_log_count(parts, 1);
+    }
+
+    /// How many log lines contain every one of `parts`.
+    pub fn count_log(&self, parts: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
+    }
+
+    /// Waits until `n` log lines contain every one of `parts`.
+    pub fn wait_log_count(&mut self, parts: &[&str], n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self
-                .log()
-                .lines()
-                .any(|l| parts.iter().all(|p| l.contains(p)))
-            {
+            if self.count_log(parts) >= n {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -388,10 +404,30 @@ impl LoggedProc {
             }
             assert!(
                 Instant::now() < deadline,
-                "no log line with {parts:?} in 30 s:\n{}",
+                "not {n} log lines with {parts:?} in 30 s:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl LoggedProc {
+    /// Sends `signal` and waits (at most `within`) for the process to exit.
+    pub fn stop(&mut self, signal: i32, within: Duration) -> std::process::ExitStatus {
+        // SAFETY: a signal to our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running {within:?} after signal {signal}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

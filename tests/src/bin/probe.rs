@@ -11,8 +11,9 @@
 //! succeeds (before the kernel redirects T, it is unreachable from here), then reads what the
 //! server answers; prints `{"connected", "attempts", "reply" or "error"}`.
 //!
-//! `probe loop T --duration-ms D --max N`: connects, exchanges and closes one connection after
-//! another until D ms or N connections; prints a JSON summary with a count per label.
+//! `probe loop T --duration-ms D --max N --pause-ms P`: connects, exchanges and closes one
+//! connection after another (P ms apart) until D ms or N connections; prints a JSON summary
+//! with a count per label and the longest time between two answers (`max_gap_ms`).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
@@ -56,6 +57,9 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value_t = 100_000)]
         max: u64,
+        /// Pause between connections (0: as fast as they go).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
 }
 
@@ -112,8 +116,16 @@ fn connect_all(targets: Vec<SocketAddr>) -> serde_json::Value {
     )
 }
 
-fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Value {
+fn run_loop(
+    target: SocketAddr,
+    duration: Duration,
+    max: u64,
+    pause: Duration,
+) -> serde_json::Value {
     let start = Instant::now();
+    // From the start until the first answer counts as a gap too: a path down from the start
+    // is the longest gap there is.
+    let (mut last_answer, mut max_gap) = (start, Duration::ZERO);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut labels: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: Vec<String> = Vec::new();
@@ -122,19 +134,27 @@ fn run_loop(target: SocketAddr, duration: Duration, max: u64) -> serde_json::Val
         let result = open(target).and_then(|(s, _, _)| exchange(&s, &format!("l{i}")));
         match result {
             Ok(label) => {
+                let now = Instant::now();
+                max_gap = max_gap.max(now - last_answer);
+                last_answer = now;
                 ok += 1;
                 *labels.entry(label).or_default() += 1;
             }
             Err(e) => {
                 failed += 1;
                 if errors.len() < 5 {
-                    errors.push(e.to_string());
+                    errors.push(format!("at {} ms: {e}", start.elapsed().as_millis()));
                 }
             }
         }
         i += 1;
+        if !pause.is_zero() {
+            thread::sleep(pause);
+        }
     }
-    json!({"ok": ok, "failed": failed, "labels": labels, "errors": errors, "elapsed_ms": start.elapsed().as_millis() as u64})
+    max_gap = max_gap.max(last_answer.elapsed());
+    json!({"ok": ok, "failed": failed, "labels": labels, "errors": errors,
+        "elapsed_ms": start.elapsed().as_millis() as u64, "max_gap_ms": max_gap.as_millis() as u64})
 }
 
 fn half_close(target: SocketAddr, text: &str) -> serde_json::Value {
@@ -200,7 +220,13 @@ fn main() {
             target,
             duration_ms,
             max,
-        } => run_loop(target, Duration::from_millis(duration_ms), max),
+            pause_ms,
+        } => run_loop(
+            target,
+            Duration::from_millis(duration_ms),
+            max,
+            Duration::from_millis(pause_ms),
+        ),
         Cmd::Hold { target } => hold(target),
         Cmd::HalfClose { target, text } => half_close(target, &text),
         Cmd::FirstRedirected { target, within_ms } => {

@@ -1,0 +1,106 @@
+//! A node stays reachable while any of its sessions lives, with the real binaries: a rolling
+//! agent upgrade with `maxSurge` (a second agent beside the first, then the first drained with
+//! SIGTERM), then a third agent and a SIGKILL of that newest one. A client connects steadily
+//! through all of it. Each agent dials its node differently, so every answer says which agent
+//! served it. Root only.
+use std::{thread, time::Duration};
+
+use redirector_tests::{LoggedProc, World, pki::TestPki, tunnel_procs};
+
+const TARGET: &str = "198.51.100.12:10250";
+
+/// An agent of edge-c (with `args`) reaching its kubelet stand-in at `dial`; returns once the
+/// server has logged `nth` sessions of edge-c in all.
+fn agent(
+    w: &World,
+    args: &[String],
+    st: &mut tunnel_procs::Stack,
+    dial: &str,
+    nth: usize,
+) -> LoggedProc {
+    let at = args.iter().position(|a| a == "--dial").expect("--dial") + 1;
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args[at] = dial;
+    let p = LoggedProc::spawn(w, &format!("agent-{nth}"), &w.edge, "tunnel-agent", &args);
+    st.server
+        .wait_log_count(&["agent session up", "node=edge-c"], nth);
+    p
+}
+
+#[test]
+fn surge_drain_and_a_killed_newest_session_leave_no_gap_over_a_second() {
+    let w = World::new();
+    let pki = TestPki::new(&w.dir);
+    let mut st = tunnel_procs::stack(&w, &pki, &[]);
+    // One certificate for all three: issuing another would rewrite the files the running
+    // agents watch, and they would rotate their sessions (a different test).
+    let args = tunnel_procs::agent_args(
+        &pki,
+        "edge-c",
+        &st.agents_at.to_string(),
+        "10250",
+        "127.0.0.1",
+        "127.0.0.1:0",
+    );
+    let mut first = agent(&w, &args, &mut st, "127.0.0.1", 1);
+    let client = w.paced_loop(TARGET, 9000, 5);
+
+    thread::sleep(Duration::from_millis(1000));
+    // Surge: the upgraded agent comes up beside the old one and takes new streams.
+    let _second = agent(&w, &args, &mut st, "198.51.100.12", 2);
+    thread::sleep(Duration::from_millis(1000));
+    // The old one is drained (GOAWAY) and exits, as a pod deletion does.
+    let st_first = first.stop(libc::SIGTERM, Duration::from_secs(15));
+    assert!(
+        st_first.success(),
+        "drained agent exited {st_first}:\n{}",
+        first.log()
+    );
+    thread::sleep(Duration::from_millis(1000));
+    // A third (say, a replacement started by hand), then it dies at once.
+    let mut third = agent(&w, &args, &mut st, "::1", 3);
+    thread::sleep(Duration::from_millis(1000));
+    third.stop(libc::SIGKILL, Duration::from_secs(5));
+    st.server.wait_log(&[
+        "agent session down; the node's other session takes its new streams",
+        "node=edge-c",
+    ]);
+    let summary = client.summary();
+    eprintln!("connect loop: {summary}");
+
+    let labels = summary["labels"].as_object().unwrap();
+    let served_by = |label: &str| labels.get(label).and_then(|n| n.as_u64()).unwrap_or(0);
+    // Every agent served while it was the newest, and nothing else answered.
+    for who in [
+        "edge 127.0.0.1:10250",
+        "edge 198.51.100.12:10250",
+        "edge [::1]:10250",
+    ] {
+        assert!(served_by(who) > 0, "{who} never answered: {summary}");
+    }
+    assert_eq!(labels.len(), 3, "an answer from elsewhere: {summary}");
+    // Only a request in flight on the killed session may fail (this client has one at a time;
+    // a second may have been sent before the server saw the connection close).
+    assert!(summary["failed"].as_u64().unwrap() <= 2, "{summary}");
+    let gap = summary["max_gap_ms"].as_u64().unwrap();
+    assert!(gap <= 1000, "a gap of {gap} ms between answers: {summary}");
+    assert!(
+        w.edge_log
+            .all()
+            .iter()
+            .all(|a| a.peer.is_some_and(|p| p.ip().to_string() != "198.51.100.1")),
+        "a connection escaped the tunnel and came straight from the master"
+    );
+    // The old agent's drain and the kill both left the node with a session: never no_session.
+    let metrics = tunnel_procs::http_get(&w, st.metrics_at, "/metrics");
+    assert!(
+        !metrics.contains("reason=\"no_session\""),
+        "the node was without a session at some point:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tunnel_server_session_takeovers_total 2"),
+        "{metrics}"
+    );
+}
