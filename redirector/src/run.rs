@@ -222,7 +222,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         // Ready from here on: the programs are attached and the maps filled.
         tokio::spawn(edge_cli::http::serve(
             listener,
-            Arc::new(registry),
+            registry,
             Arc::new(|| true),
             shutdown.clone(),
         ));

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod delayline;
 pub mod netns;
 pub mod pki;
+pub mod procstat;
 pub mod relay_floor;
 pub mod servers;
 pub mod spawn;

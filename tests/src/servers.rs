@@ -33,6 +33,10 @@ impl Log {
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }
+    /// Forgets what was logged (a long run keeps only what it still checks).
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

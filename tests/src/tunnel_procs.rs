@@ -172,8 +172,13 @@ pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
 
 /// A plain HTTP/1.0 GET from the master namespace (no client dependency for one request).
 pub fn http_get(w: &World, at: SocketAddr, path: &str) -> String {
+    http_get_in(&w.master, at, path)
+}
+
+/// [`http_get`] from `netns`.
+pub fn http_get_in(netns: &crate::Netns, at: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
-    let _m = w.master.enter();
+    let _in = netns.enter();
     let mut s = std::net::TcpStream::connect(at).expect("HTTP endpoint");
     write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("request");
     let mut out = String::new();

@@ -97,7 +97,7 @@ pub async fn run(
     if let Some(ml) = listeners.metrics {
         tokio::spawn(crate::metrics::serve(
             ml,
-            Arc::new(registry),
+            registry,
             Arc::new(|| true),
             shutdown.clone(),
         ));

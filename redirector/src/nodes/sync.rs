@@ -532,7 +532,7 @@ pub async fn serve(
         let r = ready.clone();
         tokio::spawn(edge_cli::http::serve(
             listener,
-            Arc::new(registry),
+            registry,
             Arc::new(move || r.load(Ordering::Relaxed)),
             shutdown.clone(),
         ));

@@ -116,7 +116,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
     // Ready once at least one server session is up.
     tokio::spawn(edge_cli::http::serve(
         ml,
-        Arc::new(registry),
+        registry,
         Arc::new(move || m.sessions.get() > 0),
         shutdown.clone(),
     ));

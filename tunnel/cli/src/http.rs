@@ -9,13 +9,16 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`. `ready` decides readiness.
+/// Serves `/metrics` (the daemon's `registry` plus `runtime_tasks_alive`), `/healthz` and
+/// `/readyz` until `shutdown`. `ready` decides readiness.
 pub async fn serve(
     listener: TcpListener,
-    registry: Arc<Registry>,
+    mut registry: Registry,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
     shutdown: CancellationToken,
 ) {
+    registry.register_collector(Box::new(crate::runtime_tasks::RuntimeTasks));
+    let registry = Arc::new(registry);
     // Not counted: this endpoint's own registry is already built; the log says it.
     let mut listener =
         crate::accept::Acceptor::new(listener, "metrics endpoint", Default::default());

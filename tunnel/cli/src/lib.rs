@@ -4,12 +4,14 @@
 //! - [`logging`]: `--log-format text|json`, `RUST_LOG` filter defaulting to `info`.
 //! - [`seconds`]: positive-seconds flags parsed once, into [`std::time::Duration`].
 //! - [`process`]: SIGTERM/SIGINT as a cancellation token, the runtime, the open-file limit.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`runtime_tasks`]: the tasks alive, on every
+//!   `/metrics`.
 //! - [`accept`]: accept loops that back off on resource errors; [`warn_every`]: aggregated
 //!   warnings for what outsiders can trigger.
 pub mod accept;
 pub mod http;
 pub mod logging;
 pub mod process;
+pub mod runtime_tasks;
 pub mod seconds;
 pub mod warn_every;
