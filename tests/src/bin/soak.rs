@@ -190,7 +190,7 @@ fn main() -> Result<()> {
         // edge-c's agent goes away and comes back (a pod restart, a node reboot).
         let c = &mut agents[2];
         let before = sessions_of(&st.server, "edge-c").0;
-        let signal = if cycle % 2 == 0 {
+        let signal = if cycle.is_multiple_of(2) {
             libc::SIGKILL
         } else {
             libc::SIGTERM
