@@ -28,6 +28,8 @@ pub struct ServerMetrics {
     pub streams_reset: Counter,
     pub bytes: Family<Direction, Counter>,
     pub refused: Family<Reason, Counter>,
+    /// Enrollment requests and connections refused, by reason.
+    pub enroll_refused: Family<Reason, Counter>,
     /// Last keepalive round trip of any session, microseconds.
     pub keepalive_rtt_us: Gauge,
 }
@@ -84,6 +86,11 @@ impl ServerMetrics {
             "tunnel_server_refused",
             "Redirected connections refused, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "tunnel_server_enroll_refused",
+            "Enrollment requests and connections refused, by reason (bad_request, unauthorized, forbidden, rate_limited, body_too_large, head_too_large, head_timeout, body_timeout, handshake_timeout, handshake_failed, ...)",
+            self.enroll_refused.clone(),
         );
         r.register(
             "tunnel_server_keepalive_rtt_microseconds",

@@ -108,7 +108,12 @@ pub async fn run(
     }
     keep_current(agents_tls, &pki, ServerPki::agents_config, &shutdown);
     if let Some(l) = listeners.enroll {
-        start_enrollment(&s, &pki, l, server.accept_errors("enrollment"), &shutdown)?;
+        let serving = enroll::Serving {
+            accept_errors: server.accept_errors("enrollment"),
+            refused: server.stats().enroll_refused.clone(),
+            ..Default::default()
+        };
+        start_enrollment(&s, &pki, l, serving, &shutdown)?;
     }
     if let Some(sa) = &s.csr_signer {
         start_csr_signer(&s, sa, &shutdown).await?;
@@ -234,7 +239,7 @@ fn start_enrollment(
     s: &Settings,
     pki: &Arc<ServerPki>,
     listener: TcpListener,
-    accept_errors: prometheus_client::metrics::counter::Counter,
+    serving: enroll::Serving,
     stop: &CancellationToken,
 ) -> Result<()> {
     let dir = ca_dir(s, "--enroll-listen")?;
@@ -250,7 +255,7 @@ fn start_enrollment(
         listener,
         live,
         enroller,
-        accept_errors,
+        serving,
         stop.clone(),
     ));
     Ok(())

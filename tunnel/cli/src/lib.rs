@@ -6,10 +6,12 @@
 //! - [`process`]: SIGTERM/SIGINT as a cancellation token, the runtime, the open-file limit.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`runtime_tasks`]: the tasks alive, on every
 //!   `/metrics`.
+//! - [`linger`]: a close that does not destroy the last answer.
 //! - [`accept`]: accept loops that back off on resource errors; [`warn_every`]: aggregated
 //!   warnings for what outsiders can trigger.
 pub mod accept;
 pub mod http;
+pub mod linger;
 pub mod logging;
 pub mod process;
 pub mod runtime_tasks;

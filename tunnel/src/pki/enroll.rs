@@ -8,29 +8,34 @@
 //! Both answer JSON `{"certificate": PEM, "ca_bundle": PEM}`: the bundle carries every trusted
 //! CA, so agents learn a new CA during a rotation's overlap by renewing. Refusals answer 4xx with
 //! the reason in the body, and are logged with it.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
+use edge_cli::warn_every::WarnKinds;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    error::{Error, Result},
+    error::Error,
     identity,
     pki::{
         ca::{CaDir, csr_node},
+        enroll_limits::{EnrollLimits, FailedGuesses},
         token::TokenStore,
     },
 };
-
-/// Largest request body accepted (a CSR is well under 2 KiB).
-const MAX_BODY: usize = 16 * 1024;
+pub use tunnel_proto::keepalive::Reason;
 
 pub use tunnel_proto::wire::Issued;
 
@@ -60,9 +65,19 @@ impl Enroller {
                     "no bootstrap token: send `Authorization: Bearer <token>`".to_owned(),
                 ))?;
                 let csr_for = csr_node(body).map_err(bad)?;
+                let node = self
+                    .tokens
+                    .check(token, &csr_for)
+                    .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
+                // Signed before the token is used up: a CSR the CA refuses leaves the token
+                // as it was. Two requests racing with one token: one redeems, the other's
+                // certificate is dropped unsent.
+                let answer = self.issue(body, &node)?;
                 self.tokens
                     .redeem(token, &csr_for)
-                    .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?
+                    .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
+                tracing::info!(node = %node, via = path, "agent certificate issued");
+                return Ok(answer);
             }
             "/v1/renew" => {
                 let cert = client_cert.ok_or((
@@ -79,16 +94,22 @@ impl Enroller {
                 ));
             }
         };
+        let answer = self.issue(body, &node)?;
+        tracing::info!(node = %node, via = path, "agent certificate issued");
+        Ok(answer)
+    }
+
+    /// Signs the CSR in `body` for `node`: the JSON answer.
+    fn issue(&self, body: &str, node: &str) -> std::result::Result<String, (StatusCode, String)> {
         let forbidden = |e: Error| (StatusCode::FORBIDDEN, e.to_string());
         let internal = |e: Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
         let certificate = self
             .ca
             .current()
             .map_err(internal)?
-            .sign_node_csr(body, &node, self.lifetime)
+            .sign_node_csr(body, node, self.lifetime)
             .map_err(forbidden)?;
         let ca_bundle = self.ca.bundle().map_err(internal)?;
-        tracing::info!(node = %node, via = path, "agent certificate issued");
         Ok(serde_json::to_string(&Issued {
             certificate,
             ca_bundle,
@@ -97,79 +118,141 @@ impl Enroller {
     }
 }
 
+/// How the endpoint is served: its limits and what it counts.
+#[derive(Clone, Default)]
+pub struct Serving {
+    pub limits: EnrollLimits,
+    /// Failed accepts (resource errors pause the loop instead of spinning).
+    pub accept_errors: Counter,
+    /// Refused requests and connections, by reason.
+    pub refused: Family<Reason, Counter>,
+}
+
+/// The label of a refusal with `status`.
+fn reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        _ => "internal",
+    }
+}
+
+struct Shared {
+    enroller: Arc<Enroller>,
+    serving: Serving,
+    guesses: FailedGuesses,
+    warn: Mutex<WarnKinds>,
+}
+
+impl Shared {
+    fn refused(&self, peer: SocketAddr, reason: &'static str, why: &str) {
+        self.serving.refused.get_or_create(&Reason { reason }).inc();
+        // Outsiders decide how often this happens: the first of each reason in full, then a
+        // count per 10 s. The counter has the exact number.
+        let mut w = self.warn.lock().unwrap_or_else(|p| p.into_inner());
+        w.warn(
+            reason,
+            |more| tracing::warn!(%peer, reason, "enrollment refused: {why}{more}"),
+        );
+    }
+}
+
 /// Serves the enrollment endpoint until `shutdown`. `tls` must offer (not require) client
 /// certificates: enrollment has none yet, renewal does.
-///
-/// `accept_errors` counts failed accepts (resource errors pause the loop instead of spinning).
 pub async fn serve(
     listener: TcpListener,
     tls: crate::tls::Live<rustls::ServerConfig>,
     enroller: Arc<Enroller>,
-    accept_errors: prometheus_client::metrics::counter::Counter,
+    serving: Serving,
     shutdown: CancellationToken,
 ) {
-    let mut listener = edge_cli::accept::Acceptor::new(listener, "enrollment", accept_errors);
+    let mut listener =
+        edge_cli::accept::Acceptor::new(listener, "enrollment", serving.accept_errors.clone());
+    let shared = Arc::new(Shared {
+        enroller,
+        guesses: FailedGuesses::new(
+            serving.limits.failures_per_source,
+            serving.limits.failure_window,
+        ),
+        serving,
+        warn: Mutex::new(WarnKinds::new(Duration::from_secs(10))),
+    });
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             x = listener.accept() => x,
         };
-        let (acceptor, enroller) = (tokio_rustls::TlsAcceptor::from(tls.get()), enroller.clone());
-        tokio::spawn(async move {
-            if let Err(e) = serve_one(acceptor, tcp, peer, enroller).await {
-                tracing::warn!(%peer, "enrollment connection: {e}");
-            }
-        });
+        let (acceptor, shared) = (tokio_rustls::TlsAcceptor::from(tls.get()), shared.clone());
+        tokio::spawn(async move { serve_one(acceptor, tcp, peer, &shared).await });
     }
 }
 
+/// One connection, one request (no keep-alive): each phase under its deadline. A connection
+/// that got an answer is closed so that the answer reaches the client; one cut at a deadline
+/// is closed at once.
 async fn serve_one(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    enroller: Arc<Enroller>,
-) -> Result<()> {
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+    shared: &Arc<Shared>,
+) {
+    let linger = edge_cli::linger::Linger::dup(&tcp).ok();
+    let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = request(acceptor, tcp, peer, shared, answered.clone()).await;
+    let answered = match &r {
+        Err(("head_too_large", _)) => true,
+        _ => answered.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    if let Err((reason, e)) = r {
+        shared.refused(peer, reason, &e);
+    }
+    if answered && let Some(l) = linger {
+        l.close(Duration::from_secs(2), 1 << 20).await;
+    }
+}
+
+async fn request(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    answered: Arc<std::sync::atomic::AtomicBool>,
+) -> std::result::Result<(), (&'static str, String)> {
+    let limits = shared.serving.limits.clone();
+    let tls = tokio::time::timeout(limits.handshake, acceptor.accept(tcp))
         .await
-        .map_err(|_| Error::Refused("TLS handshake timed out".into()))?
-        .map_err(|e| Error::io("TLS handshake", e))?;
+        .map_err(|_| {
+            (
+                "handshake_timeout",
+                format!("TLS handshake not done within {:?}", limits.handshake),
+            )
+        })?
+        .map_err(|e| ("handshake_failed", format!("TLS handshake: {e}")))?;
     let client_cert: Option<CertificateDer<'static>> = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
         .cloned();
+    let head_deadline = tokio::time::Instant::now() + limits.head;
+    let svc_shared = shared.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let (enroller, client_cert) = (enroller.clone(), client_cert.clone());
+        let (shared, client_cert, answered) =
+            (svc_shared.clone(), client_cert.clone(), answered.clone());
         async move {
-            let path = req.uri().path().to_owned();
-            let bearer = req
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_owned);
-            let answer = if req.method() != hyper::Method::POST {
-                Err((StatusCode::METHOD_NOT_ALLOWED, "use POST".to_owned()))
-            } else {
-                match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                    Ok(b) => {
-                        let body = String::from_utf8_lossy(&b.to_bytes()).into_owned();
-                        // Signing and the token file lock are blocking work.
-                        tokio::task::spawn_blocking(move || {
-                            enroller.handle(&path, bearer.as_deref(), client_cert.as_ref(), &body)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
-                    }
-                    Err(e) => Err((StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}"))),
-                }
-            };
-            let (status, text) = match answer {
+            let r = answer(&shared, peer, req, client_cert).await;
+            answered.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (status, text) = match r {
                 Ok(json) => (StatusCode::OK, json),
                 Err((status, why)) => {
-                    tracing::warn!(%peer, %status, "enrollment refused: {why}");
-                    (status, why)
+                    shared.refused(peer, reason(status), &why);
+                    (status, format!("{why}\n"))
                 }
             };
             let mut resp = Response::new(Full::new(Bytes::from(text)));
@@ -177,8 +260,97 @@ async fn serve_one(
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    http1::Builder::new()
-        .serve_connection(TokioIo::new(tls), svc)
-        .await
-        .map_err(|e| Error::Refused(format!("HTTP: {e}")))
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // The head's deadline runs from the end of the handshake: an idle connection and a
+        // head sent a byte at a time end alike.
+        .header_read_timeout(head_deadline - tokio::time::Instant::now())
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(tls), svc);
+    // The body's deadline is the service's; this bounds the connection as a whole.
+    let whole = limits.head + limits.body + Duration::from_secs(5);
+    match tokio::time::timeout(whole, conn).await {
+        Err(_) => Err(("deadline", format!("connection still open after {whole:?}"))),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.is_parse_too_large() => Err((
+            "head_too_large",
+            format!(
+                "request head over {} bytes (answered 431)",
+                limits.max_head_bytes
+            ),
+        )),
+        Ok(Err(e)) if e.is_timeout() => Err((
+            "head_timeout",
+            format!(
+                "no complete request head within {:?} of the handshake",
+                limits.head
+            ),
+        )),
+        // The client went away or sent garbage: nothing to answer.
+        Ok(Err(e)) => Err(("http", format!("HTTP: {e}"))),
+    }
+}
+
+/// The request's answer: the JSON, or the status and the reason.
+async fn answer(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    client_cert: Option<CertificateDer<'static>>,
+) -> std::result::Result<String, (StatusCode, String)> {
+    let limits = &shared.serving.limits;
+    let path = req.uri().path().to_owned();
+    if req.method() != hyper::Method::POST {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "use POST".to_owned()));
+    }
+    let guessing = path == "/v1/enroll";
+    if guessing && let Some(wait) = shared.guesses.blocked(peer.ip()) {
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed enrollments from {} (more than {} in {:?}); try again in {} s",
+                peer.ip(),
+                limits.failures_per_source,
+                limits.failure_window,
+                wait.as_secs() + 1
+            ),
+        ));
+    }
+    let bearer = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let body = Limited::new(req.into_body(), limits.max_body_bytes).collect();
+    let body = match tokio::time::timeout(limits.body, body).await {
+        Err(_) => {
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not complete within {:?}", limits.body),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body over {} bytes ({e}); a CSR is under 2 KiB",
+                    limits.max_body_bytes
+                ),
+            ));
+        }
+        Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+    };
+    let enroller = shared.enroller.clone();
+    // Signing and the token file lock are blocking work.
+    let r = tokio::task::spawn_blocking(move || {
+        enroller.handle(&path, bearer.as_deref(), client_cert.as_ref(), &body)
+    })
+    .await
+    .unwrap_or_else(|e| Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())));
+    if guessing && let Err((StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)) = &r {
+        shared.guesses.failed(peer.ip());
+    }
+    r
 }

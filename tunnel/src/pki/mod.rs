@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod csr_api;
 pub mod enroll;
+pub mod enroll_limits;
 pub mod material;
 pub mod secret;
 pub mod token;

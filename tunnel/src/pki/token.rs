@@ -158,40 +158,56 @@ impl TokenStore {
         Ok(format!("{id}.{secret}"))
     }
 
-    /// Checks `token` for `csr_node` and marks it used; the node it enrolls.
+    /// Checks `token` for `csr_node` without using it up: a request can still fail after this
+    /// (its CSR refused), and a failed request must leave the token as it was.
+    pub fn check(&self, token: &str, csr_node: &str) -> Result<String, TokenError> {
+        let _lock = self.lock()?;
+        let entries = self.read()?;
+        valid(&entries, token, csr_node).map(|i| entries[i].node.clone())
+    }
+
+    /// Checks `token` for `csr_node` and marks it used; the node it enrolls. Only a valid
+    /// token rewrites the store.
     pub fn redeem(&self, token: &str, csr_node: &str) -> Result<String, TokenError> {
-        let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
-        if id.len() != 8 || secret.len() != 32 {
-            return Err(TokenError::Malformed);
-        }
         let _lock = self.lock()?;
         let mut entries = self.read()?;
-        let e = entries
-            .iter_mut()
-            .find(|e| e.id == id && e.hash == hash(secret))
-            .ok_or_else(|| TokenError::Unknown(id.to_owned()))?;
-        if e.used {
-            return Err(TokenError::Used(id.to_owned()));
-        }
-        let t = now();
-        if e.expires <= t {
-            return Err(TokenError::Expired {
-                id: id.to_owned(),
-                ago: t - e.expires,
-            });
-        }
-        if e.node != csr_node {
-            return Err(TokenError::WrongNode {
-                id: id.to_owned(),
-                token_node: e.node.clone(),
-                csr_node: csr_node.to_owned(),
-            });
-        }
-        e.used = true;
-        let node = e.node.clone();
+        let i = valid(&entries, token, csr_node)?;
+        entries[i].used = true;
+        let node = entries[i].node.clone();
         self.write(&entries)?;
         Ok(node)
     }
+}
+
+/// The index of `token`'s entry if it may enroll `csr_node`, or why not.
+fn valid(entries: &[Entry], token: &str, csr_node: &str) -> Result<usize, TokenError> {
+    let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+    if id.len() != 8 || secret.len() != 32 {
+        return Err(TokenError::Malformed);
+    }
+    let i = entries
+        .iter()
+        .position(|e| e.id == id && e.hash == hash(secret))
+        .ok_or_else(|| TokenError::Unknown(id.to_owned()))?;
+    let e = &entries[i];
+    if e.used {
+        return Err(TokenError::Used(id.to_owned()));
+    }
+    let t = now();
+    if e.expires <= t {
+        return Err(TokenError::Expired {
+            id: id.to_owned(),
+            ago: t - e.expires,
+        });
+    }
+    if e.node != csr_node {
+        return Err(TokenError::WrongNode {
+            id: id.to_owned(),
+            token_node: e.node.clone(),
+            csr_node: csr_node.to_owned(),
+        });
+    }
+    Ok(i)
 }
 
 #[cfg(test)]
