@@ -15,6 +15,7 @@
 //! Modules: [`server`] (agent sessions, ingress, routing), [`run`] (the whole server from its
 //! settings: listeners, PKI, node table, drain), [`pki`] (CA, tokens, enrollment endpoint, CSR
 //! signer), [`metrics`].
+pub mod admission;
 pub mod metrics;
 pub mod pki;
 pub mod run;

@@ -12,6 +12,12 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct AdmissionLabel {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
 /// Server-side metrics. Cloning shares the underlying values.
 #[derive(Clone, Default)]
 pub struct ServerMetrics {
@@ -23,6 +29,9 @@ pub struct ServerMetrics {
     pub session_takeovers: Counter,
     /// Failed accepts per listener (resource errors pause the loop instead of spinning).
     pub accept_errors: Family<ListenerLabel, Counter>,
+    /// Connections closed before authentication (and sessions closed over the per-node
+    /// bound), per listener and reason.
+    pub admission: Family<AdmissionLabel, Counter>,
     pub streams_open: Gauge,
     pub streams_total: Counter,
     pub streams_reset: Counter,
@@ -86,6 +95,11 @@ impl ServerMetrics {
             "tunnel_server_refused",
             "Redirected connections refused, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "tunnel_server_admission_refused",
+            "Connections closed before authentication, per listener and reason (per_source_full: closed at once; evicted_oldest: the oldest handshake closed for a newer one; handshake_timeout), and older sessions closed over --max-sessions-per-node (sessions_per_node)",
+            self.admission.clone(),
         );
         r.register(
             "tunnel_server_enroll_refused",

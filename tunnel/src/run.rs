@@ -56,6 +56,7 @@ pub struct Settings {
     pub csr_signer: Option<String>,
     /// How long a stopping server waits for in-flight streams.
     pub drain_deadline: Duration,
+    pub limits: crate::admission::Limits,
 }
 
 /// Everything the server listens on, bound by the caller (tests bind port 0).
@@ -88,6 +89,7 @@ pub async fn run(
     let pki = Arc::new(pki(&s, &shutdown).await?);
     let mut cfg = ServerConfig::new(pki.agents_config()?);
     cfg.keepalive = s.keepalive;
+    cfg.limit(&s.limits);
     let agents_tls = cfg.tls.clone();
     let nodes = Follower::open(&s.node_table).map_err(Error::NodeTable)?;
     tokio::spawn(nodes.clone().run(s.node_table_poll, shutdown.clone()));
@@ -111,7 +113,11 @@ pub async fn run(
         let serving = enroll::Serving {
             accept_errors: server.accept_errors("enrollment"),
             refused: server.stats().enroll_refused.clone(),
-            ..Default::default()
+            admission: s.limits.enrollment,
+            limits: crate::pki::enroll_limits::EnrollLimits {
+                handshake: s.limits.handshake_timeout,
+                ..Default::default()
+            },
         };
         start_enrollment(&s, &pki, l, serving, &shutdown)?;
     }

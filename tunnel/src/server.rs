@@ -20,9 +20,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
+    admission::{Admission, AdmissionLimits, Limits, Ticket, Verdict},
     error::{Error, Result},
     identity,
-    metrics::{Direction, Reason, ServerMetrics},
+    metrics::{AdmissionLabel, Direction, Reason, ServerMetrics},
     relay,
     relay::End,
     wire,
@@ -41,16 +42,36 @@ pub struct ServerConfig {
     pub open_timeout: Duration,
     /// TLS handshake deadline for agents.
     pub handshake_timeout: Duration,
+    /// Agent connections in their TLS handshake at once, in total and per source address.
+    pub admission: AdmissionLimits,
+    /// Redirected connections the ingresses hold at once; past it, new ones are reset and
+    /// counted (`ingress_full`).
+    pub max_ingress_connections: usize,
+    /// Live sessions one node identity may hold; a session over it closes the node's oldest
+    /// (which finishes its open streams first).
+    pub max_sessions_per_node: usize,
     pub keepalive: tunnel_proto::keepalive::Keepalive,
 }
 
 impl ServerConfig {
+    /// Applies `limits` (the enrollment's are the endpoint's).
+    pub fn limit(&mut self, limits: &Limits) {
+        self.handshake_timeout = limits.handshake_timeout;
+        self.admission = limits.agents;
+        self.max_sessions_per_node = limits.max_sessions_per_node;
+        self.max_ingress_connections = limits.max_ingress_connections;
+    }
+
     pub fn new(tls: impl Into<tunnel_proto::tls::Live<rustls::ServerConfig>>) -> Self {
+        let limits = Limits::default();
         Self {
             tls: tls.into(),
             stream_window: 1 << 20,
             open_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: limits.handshake_timeout,
+            admission: limits.agents,
+            max_sessions_per_node: limits.max_sessions_per_node,
+            max_ingress_connections: limits.max_ingress_connections,
             keepalive: Default::default(),
         }
     }
@@ -60,6 +81,8 @@ struct Session {
     id: u64,
     send: SendRequest<Bytes>,
     peer: SocketAddr,
+    /// Cancelled when newer sessions of the node pushed this one over the bound.
+    evicted: CancellationToken,
 }
 
 /// Where routes come from: a fixed set (tests, benchmarks), or the node-table follower, whose
@@ -80,6 +103,9 @@ struct Inner {
     /// Every accepted redirected connection's task: what a stop drains.
     connections: TaskTracker,
     refused_warn: Mutex<edge_cli::warn_every::WarnKinds>,
+    agents_admission: Admission,
+    /// Redirected connections held now (against `max_ingress_connections`).
+    ingress_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -90,6 +116,15 @@ fn refuse_tcp(tcp: TcpStream) {
     // A reset, not a FIN: the client must not mistake a refusal for an empty answer.
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
+}
+
+/// One redirected connection counted against the ingress limit, until dropped.
+struct HeldConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Server {
@@ -104,7 +139,6 @@ impl Server {
 
     fn with_routing(cfg: ServerConfig, routing: Routing) -> Self {
         Server(Arc::new(Inner {
-            cfg,
             routing,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -113,6 +147,9 @@ impl Server {
             refused_warn: Mutex::new(edge_cli::warn_every::WarnKinds::new(Duration::from_secs(
                 10,
             ))),
+            agents_admission: Admission::new(cfg.admission),
+            ingress_held: Default::default(),
+            cfg,
         }))
     }
 
@@ -206,12 +243,29 @@ impl Server {
                 _ = shutdown.cancelled() => return,
                 x = listener.accept() => x,
             };
+            let (ticket, verdict) = self.0.agents_admission.admit(peer.ip());
+            match verdict {
+                Verdict::Admitted => {}
+                Verdict::AdmittedEvictingOldest => self.admission_refused("evicted_oldest", peer, || {
+                    format!("{} agent connections in their TLS handshake (--max-handshakes): closed the oldest for this one", self.0.agents_admission.limits().total)
+                }),
+                Verdict::PerSourceFull => self.admission_refused("per_source_full", peer, || {
+                    format!("{} agent connections from {} already in their TLS handshake (--max-handshakes-per-source): closed at once", self.0.agents_admission.limits().per_source, peer.ip())
+                }),
+            }
+            let Some(ticket) = ticket else {
+                drop(tcp);
+                continue;
+            };
             let server = self.clone();
             // The configuration current at accept time (certificates and CAs reload live).
             let acceptor = tokio_rustls::TlsAcceptor::from(self.0.cfg.tls.get());
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = server.agent_session(acceptor, tcp, peer, shutdown).await {
+                if let Err(e) = server
+                    .agent_session(acceptor, tcp, peer, ticket, shutdown)
+                    .await
+                {
                     server.0.stats.sessions_rejected.inc();
                     // Anyone can make a handshake fail: a flood of one reason is one line
                     // per 10 s (the counter keeps the exact number), other reasons still show.
@@ -227,19 +281,60 @@ impl Server {
         }
     }
 
+    /// Counts a connection closed before authentication and warns (aggregated per reason:
+    /// outsiders decide how often this happens).
+    fn admission_refused(
+        &self,
+        reason: &'static str,
+        peer: SocketAddr,
+        msg: impl FnOnce() -> String,
+    ) {
+        self.0
+            .stats
+            .admission
+            .get_or_create(&AdmissionLabel {
+                listener: "agents",
+                reason,
+            })
+            .inc();
+        let mut w = self
+            .0
+            .refused_warn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        w.warn(reason, |more| {
+            let msg = msg();
+            tracing::warn!(%peer, reason, "agent connection closed before authentication: {msg}{more}")
+        });
+    }
+
     async fn agent_session(
         &self,
         acceptor: tokio_rustls::TlsAcceptor,
         tcp: TcpStream,
         peer: SocketAddr,
+        ticket: Ticket,
         shutdown: CancellationToken,
     ) -> Result<()> {
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(self.0.cfg.handshake_timeout, acceptor.accept(tcp))
-            .await
-            .map_err(|_| Error::Refused("TLS handshake timed out".into()))?
+        let timeout = self.0.cfg.handshake_timeout;
+        let tls = tokio::select! {
+            r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
+            _ = ticket.evicted.cancelled() => {
+                return Err(Error::Refused("closed in its TLS handshake for a newer connection (--max-handshakes)".into()));
+            }
+        };
+        let tls = tls
+            .map_err(|_| {
+                self.admission_refused("handshake_timeout", peer, || {
+                    format!("no TLS handshake within {timeout:?} (--handshake-timeout)")
+                });
+                Error::Refused(format!("TLS handshake not done within {timeout:?}"))
+            })?
             // rustls says which: no certificate, unknown issuer (wrong CA), expired, ...
             .map_err(|e| Error::io("TLS handshake with agent", e))?;
+        // Authenticated (the client certificate verified): no longer pre-authentication.
+        drop(ticket);
         let der = tls
             .get_ref()
             .1
@@ -264,17 +359,47 @@ impl Server {
         // replica of the agent) replacing this one in the map would close it, and two sessions
         // of one node would keep closing each other. A replaced session stays up, takes no new
         // streams, and ends when the agent drains it (GOAWAY) or its keepalive fails.
-        let _held = send.clone();
+        let mut held = Some(send.clone());
+        let evicted = CancellationToken::new();
         {
             let mut sessions = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
             let live = sessions.entry(node.clone()).or_default();
+            // Bounded per identity: the oldest leaves the routing (no new streams) and closes
+            // once its open streams are done, as a drained session does.
+            while live.len() >= self.0.cfg.max_sessions_per_node.max(1) {
+                let old = live.remove(0);
+                old.evicted.cancel();
+                self.0
+                    .stats
+                    .admission
+                    .get_or_create(&AdmissionLabel {
+                        listener: "agents",
+                        reason: "sessions_per_node",
+                    })
+                    .inc();
+                // Agents over the bound reconnect and close another in turn: aggregated.
+                let max = self.0.cfg.max_sessions_per_node;
+                let mut w = self
+                    .0
+                    .refused_warn
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                w.warn("sessions_per_node", |more| {
+                    tracing::warn!(node = %node, %peer, closed_session = old.id, closed_peer = %old.peer, max, "the node has more live sessions than --max-sessions-per-node: its oldest takes no new streams and closes once its open streams are done (more agents hold this node's certificate than the bound){more}");
+                });
+            }
             if let Some(prev) = live.last() {
                 // A rolling upgrade or a rotation looks like this; so does a second process
                 // holding the node's certificate. Either way an operator must be able to see it.
                 self.0.stats.session_takeovers.inc();
                 tracing::warn!(node = %node, %peer, session = id, previous_peer = %prev.peer, previous_session = prev.id, "a second session of this node takes its new streams; the previous one stays up until it ends (expected during an agent upgrade or certificate rotation; otherwise another process holds this node's certificate)");
             }
-            live.push(Session { id, send, peer });
+            live.push(Session {
+                id,
+                send,
+                peer,
+                evicted: evicted.clone(),
+            });
             self.0.stats.sessions.set(sessions.len() as i64);
         }
         self.0.stats.sessions_accepted.inc();
@@ -297,6 +422,9 @@ impl Server {
                     break Err(Error::Refused(format!("session of {node} is dead: {why}")));
                 }
                 _ = shutdown.cancelled() => break Ok(()),
+                // Out of the routing already; without a handle left, h2 ends the connection
+                // once its last stream is done.
+                _ = evicted.cancelled(), if held.is_some() => held = None,
                 Some((rtt, w)) = windows.resized() => {
                     // Streams' receive windows follow the link's bandwidth-delay product.
                     crate::keepalive::log_resize(&node, rtt, w, conn.set_initial_window_size(w));
@@ -358,10 +486,20 @@ impl Server {
                 Some(local) => lookup(peer, local),
                 None => None,
             };
+            let held = self.0.ingress_held.fetch_add(1, Ordering::Relaxed);
+            let release = HeldConnection(self.0.ingress_held.clone());
+            if held >= self.0.cfg.max_ingress_connections {
+                drop(release);
+                self.refuse(tcp, Refusal::IngressFull, format!(
+                    "{held} redirected connections held (--max-ingress-connections); {peer} reset"
+                ));
+                continue;
+            }
             let server = self.clone();
-            self.0
-                .connections
-                .spawn(async move { server.handle_redirected(tcp, orig).await });
+            self.0.connections.spawn(async move {
+                let _release = release;
+                server.handle_redirected(tcp, orig).await
+            });
         }
     }
 
@@ -557,6 +695,18 @@ impl Server {
                 reason: why.label(),
             })
             .inc();
+        if why == Refusal::IngressFull {
+            // A flood is what fills the ingress: one line per 10 s, the counter is exact.
+            let mut w = self
+                .0
+                .refused_warn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            w.warn(why.label(), |more| {
+                tracing::warn!(reason = why.label(), "{msg}{more}")
+            });
+            return;
+        }
         tracing::warn!(reason = why.label(), "{msg}");
     }
 

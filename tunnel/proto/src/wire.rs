@@ -21,6 +21,7 @@ pub enum Refusal {
     NoSession,
     StreamOpenFailed,
     AgentRefused,
+    IngressFull,
     // The agent's (the server counts each as `agent_refused`, naming this one in its log).
     NotConnect,
     OtherNode,
@@ -30,13 +31,14 @@ pub enum Refusal {
 
 impl Refusal {
     /// The server's reasons.
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::NotRedirected,
         Refusal::UnknownNode,
         Refusal::Ambiguous,
         Refusal::NoSession,
         Refusal::StreamOpenFailed,
         Refusal::AgentRefused,
+        Refusal::IngressFull,
     ];
     /// The agent's reasons.
     pub const AGENT: [Refusal; 4] = [
@@ -54,6 +56,7 @@ impl Refusal {
             Refusal::NoSession => "no_session",
             Refusal::StreamOpenFailed => "stream_open_failed",
             Refusal::AgentRefused => "agent_refused",
+            Refusal::IngressFull => "ingress_full",
             Refusal::NotConnect => "not_connect",
             Refusal::OtherNode => "other_node",
             Refusal::PortNotAllowed => "port_not_allowed",
@@ -92,6 +95,9 @@ impl Refusal {
             Refusal::NoSession => "no agent session",
             Refusal::StreamOpenFailed => "stream could not be opened",
             Refusal::AgentRefused => "the agent refused",
+            Refusal::IngressFull => {
+                "the ingress holds its most connections (--max-ingress-connections)"
+            }
         }
     }
 }

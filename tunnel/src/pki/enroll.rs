@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admission::{Admission, AdmissionLimits, Limits, Verdict},
     error::Error,
     identity,
     pki::{
@@ -119,13 +120,26 @@ impl Enroller {
 }
 
 /// How the endpoint is served: its limits and what it counts.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Serving {
     pub limits: EnrollLimits,
+    /// Connections in flight (all of each is before authentication), total and per source.
+    pub admission: AdmissionLimits,
     /// Failed accepts (resource errors pause the loop instead of spinning).
     pub accept_errors: Counter,
     /// Refused requests and connections, by reason.
     pub refused: Family<Reason, Counter>,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self {
+            limits: EnrollLimits::default(),
+            admission: Limits::default().enrollment,
+            accept_errors: Counter::default(),
+            refused: Family::default(),
+        }
+    }
 }
 
 /// The label of a refusal with `status`.
@@ -174,6 +188,7 @@ pub async fn serve(
 ) {
     let mut listener =
         edge_cli::accept::Acceptor::new(listener, "enrollment", serving.accept_errors.clone());
+    let admission = Admission::new(serving.admission);
     let shared = Arc::new(Shared {
         enroller,
         guesses: FailedGuesses::new(
@@ -188,8 +203,40 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
             x = listener.accept() => x,
         };
+        let (ticket, verdict) = admission.admit(peer.ip());
+        match verdict {
+            Verdict::Admitted => {}
+            Verdict::AdmittedEvictingOldest => shared.refused(
+                peer,
+                "evicted_oldest",
+                &format!(
+                    "{} enrollment connections in flight: closed the oldest for this one",
+                    admission.limits().total
+                ),
+            ),
+            Verdict::PerSourceFull => shared.refused(
+                peer,
+                "per_source_full",
+                &format!(
+                    "{} enrollment connections from {} in flight already: closed at once",
+                    admission.limits().per_source,
+                    peer.ip()
+                ),
+            ),
+        }
+        let Some(ticket) = ticket else {
+            drop(tcp);
+            continue;
+        };
         let (acceptor, shared) = (tokio_rustls::TlsAcceptor::from(tls.get()), shared.clone());
-        tokio::spawn(async move { serve_one(acceptor, tcp, peer, &shared).await });
+        tokio::spawn(async move {
+            // All of an enrollment connection is before authentication: the slot is held
+            // to the end, and a newer connection may take it.
+            tokio::select! {
+                () = serve_one(acceptor, tcp, peer, &shared) => {}
+                _ = ticket.evicted.cancelled() => {}
+            }
+        });
     }
 }
 

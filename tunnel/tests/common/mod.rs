@@ -132,10 +132,20 @@ pub struct RunningServer {
 }
 
 pub async fn start_server(ca: &Ca, routes: Routes) -> RunningServer {
+    start_server_with(ca, routes, |_| {}).await
+}
+
+/// [`start_server`] with `tune` applied to the configuration first.
+pub async fn start_server_with(
+    ca: &Ca,
+    routes: Routes,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> RunningServer {
     let leaf = ca.server();
-    let cfg = ServerConfig::new(
+    let mut cfg = ServerConfig::new(
         tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
     );
+    tune(&mut cfg);
     let server = Server::new(cfg, routes);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_addr = listener.local_addr().unwrap();

@@ -3,7 +3,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use redirector::OrigDstTable;
 use tokio_util::sync::CancellationToken;
-use tunnel::run::{Certificates, Listeners, Settings, run as serve};
+use tunnel::{
+    admission::{AdmissionLimits, Limits},
+    run::{Certificates, Listeners, Settings, run as serve},
+};
 use tunnel_proto::cli::Common;
 
 use crate::bind;
@@ -68,6 +71,72 @@ pub struct ServerArgs {
     /// The redirector's pin directory (original destinations are read from its maps).
     #[arg(long, env = "REDIRECTOR_PIN_DIR", default_value = edge_model::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What outsiders may hold (the agent port and the enrollment endpoint face the internet).
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    /// Seconds an agent or enrollment connection may take for its TLS handshake.
+    #[arg(long, env = "TUNNEL_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = edge_cli::seconds::positive)]
+    handshake_timeout: Duration,
+    /// Agent connections in their TLS handshake at once; past it, the oldest is closed for
+    /// the newcomer.
+    #[arg(long, env = "TUNNEL_MAX_HANDSHAKES", default_value_t = Limits::default().agents.total)]
+    max_handshakes: usize,
+    /// Agent connections from one address in their TLS handshake at once; past it, new ones
+    /// are closed at once (agents behind one NAT share an address).
+    #[arg(long, env = "TUNNEL_MAX_HANDSHAKES_PER_SOURCE", default_value_t = Limits::default().agents.per_source)]
+    max_handshakes_per_source: usize,
+    /// Enrollment connections at once (the oldest is closed past it).
+    #[arg(long, env = "TUNNEL_MAX_ENROLL_CONNECTIONS", default_value_t = Limits::default().enrollment.total)]
+    max_enroll_connections: usize,
+    /// Enrollment connections from one address at once.
+    #[arg(long, env = "TUNNEL_MAX_ENROLL_CONNECTIONS_PER_SOURCE", default_value_t = Limits::default().enrollment.per_source)]
+    max_enroll_connections_per_source: usize,
+    /// Live sessions of one node identity; a newer one closes the oldest once its streams end.
+    #[arg(long, env = "TUNNEL_MAX_SESSIONS_PER_NODE", default_value_t = Limits::default().max_sessions_per_node)]
+    max_sessions_per_node: usize,
+    /// Redirected connections the ingresses hold at once; past it, new ones are reset.
+    #[arg(long, env = "TUNNEL_MAX_INGRESS_CONNECTIONS", default_value_t = Limits::default().max_ingress_connections)]
+    max_ingress_connections: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Result<Limits, String> {
+        for (flag, v) in [
+            ("--max-handshakes", self.max_handshakes),
+            (
+                "--max-handshakes-per-source",
+                self.max_handshakes_per_source,
+            ),
+            ("--max-enroll-connections", self.max_enroll_connections),
+            (
+                "--max-enroll-connections-per-source",
+                self.max_enroll_connections_per_source,
+            ),
+            ("--max-sessions-per-node", self.max_sessions_per_node),
+            ("--max-ingress-connections", self.max_ingress_connections),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag} 0 would refuse everyone: give at least 1"));
+            }
+        }
+        Ok(Limits {
+            handshake_timeout: self.handshake_timeout,
+            agents: AdmissionLimits {
+                total: self.max_handshakes,
+                per_source: self.max_handshakes_per_source,
+            },
+            enrollment: AdmissionLimits {
+                total: self.max_enroll_connections,
+                per_source: self.max_enroll_connections_per_source,
+            },
+            max_sessions_per_node: self.max_sessions_per_node,
+            max_ingress_connections: self.max_ingress_connections,
+        })
+    }
 }
 
 /// How long a stopping server waits for in-flight streams.
@@ -99,6 +168,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         tokens: a.tokens.clone(),
         csr_signer: a.csr_signer.then(|| a.agent_service_account.clone()),
         drain_deadline: DRAIN_DEADLINE,
+        limits: a.limits.limits()?,
     };
     let orig = Arc::new(
         OrigDstTable::open(&a.pin_dir)

@@ -1,0 +1,217 @@
+//! Pre-authentication admission for the internet-facing listeners (agents, enrollment): how
+//! many connections may be in their handshake (or, for enrollment, their one request) at
+//! once, in total and per source address.
+//!
+//! Over the per-source limit, the new connection is closed at once: one address cannot take
+//! the server's slots. Over the total, the *oldest* connection still handshaking is closed and
+//! the new one admitted. Refusing the new one instead would let many sources that never finish
+//! a handshake hold every slot for the whole handshake timeout and lock every agent out; a real
+//! agent's handshake takes milliseconds, so evicting the oldest always leaves it room, and it
+//! is done long before as many newer connections push it out.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+/// What outsiders may hold: slots before authentication on the two internet-facing
+/// listeners, sessions per node identity, and redirected connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// TLS handshake deadline (agents and enrollment).
+    pub handshake_timeout: Duration,
+    /// Agent connections in their TLS handshake.
+    pub agents: AdmissionLimits,
+    /// Enrollment connections (each one request, all of it before authentication).
+    pub enrollment: AdmissionLimits,
+    /// Live sessions of one node identity (an agent upgrade with a surge holds two).
+    pub max_sessions_per_node: usize,
+    /// Redirected connections held at once by the ingresses.
+    pub max_ingress_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            agents: AdmissionLimits::default(),
+            // Nodes enroll once; a site installing many at once retries with backoff.
+            enrollment: AdmissionLimits {
+                total: 256,
+                per_source: 8,
+            },
+            max_sessions_per_node: 4,
+            // Each holds two descriptors and a stream; the server raises its open-file limit.
+            max_ingress_connections: 20_000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdmissionLimits {
+    pub total: usize,
+    pub per_source: usize,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        // Per source: agents behind one NAT share an address, and after a server restart
+        // they reconnect together (with jittered backoff); 64 handshakes of a few ms each in
+        // flight at once is a high rate for one site.
+        Self {
+            total: 1024,
+            per_source: 64,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    /// By admission order: the first is the oldest.
+    in_flight: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl State {
+    fn forget(&mut self, id: u64) -> Option<CancellationToken> {
+        let (ip, evict) = self.in_flight.remove(&id)?;
+        if let Some(n) = self.per_source.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&ip);
+            }
+        }
+        Some(evict)
+    }
+}
+
+/// Cheap to clone; clones share the slots.
+#[derive(Clone)]
+pub struct Admission {
+    limits: AdmissionLimits,
+    state: Arc<Mutex<State>>,
+}
+
+/// A slot, held while the connection is pre-authentication; freed on drop.
+pub struct Ticket {
+    id: u64,
+    state: Arc<Mutex<State>>,
+    /// Cancelled when a newer connection took this slot: close the connection.
+    pub evicted: CancellationToken,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(self.id);
+    }
+}
+
+/// Why a connection was not admitted, or what its admission did to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    /// Admitted, and the oldest connection in its handshake was closed for it.
+    AdmittedEvictingOldest,
+    /// Refused: its source already has `per_source` in flight.
+    PerSourceFull,
+}
+
+impl Admission {
+    pub fn new(limits: AdmissionLimits) -> Self {
+        Self {
+            limits: AdmissionLimits {
+                total: limits.total.max(1),
+                per_source: limits.per_source.max(1),
+            },
+            state: Default::default(),
+        }
+    }
+
+    pub fn limits(&self) -> AdmissionLimits {
+        self.limits
+    }
+
+    /// A slot for a connection from `ip`, or `None` (with the verdict) if it must be closed.
+    pub fn admit(&self, ip: IpAddr) -> (Option<Ticket>, Verdict) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.per_source.get(&ip).copied().unwrap_or(0) >= self.limits.per_source {
+            return (None, Verdict::PerSourceFull);
+        }
+        let mut verdict = Verdict::Admitted;
+        if s.in_flight.len() >= self.limits.total
+            && let Some(oldest) = s.in_flight.keys().next().copied()
+            && let Some(evict) = s.forget(oldest)
+        {
+            evict.cancel();
+            verdict = Verdict::AdmittedEvictingOldest;
+        }
+        let id = s.next;
+        s.next += 1;
+        let evicted = CancellationToken::new();
+        s.in_flight.insert(id, (ip, evicted.clone()));
+        *s.per_source.entry(ip).or_default() += 1;
+        (
+            Some(Ticket {
+                id,
+                state: self.state.clone(),
+                evicted,
+            }),
+            verdict,
+        )
+    }
+
+    /// Connections in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        [192, 0, 2, last].into()
+    }
+
+    #[test]
+    fn per_source_is_refused_and_total_evicts_the_oldest() {
+        let a = Admission::new(AdmissionLimits {
+            total: 3,
+            per_source: 2,
+        });
+        let (t1, v) = a.admit(ip(1));
+        assert_eq!(v, Verdict::Admitted);
+        let (t2, _) = a.admit(ip(1));
+        let (none, v) = a.admit(ip(1));
+        assert!(none.is_none());
+        assert_eq!(v, Verdict::PerSourceFull);
+        let (_t3, _) = a.admit(ip(2));
+        // Full: the oldest (t1) is evicted for the newcomer.
+        let (t4, v) = a.admit(ip(3));
+        assert_eq!(v, Verdict::AdmittedEvictingOldest);
+        let t1 = t1.unwrap();
+        assert!(t1.evicted.is_cancelled());
+        assert!(!t2.as_ref().unwrap().evicted.is_cancelled());
+        assert_eq!(a.in_flight(), 3);
+        // The evicted ticket's drop frees nothing twice; source 1 has one slot in use again.
+        drop(t1);
+        assert_eq!(a.in_flight(), 3);
+        let (t5, v) = a.admit(ip(1));
+        assert_eq!(v, Verdict::AdmittedEvictingOldest, "t2 is now the oldest");
+        assert!(t2.unwrap().evicted.is_cancelled());
+        drop((t4, t5));
+        assert_eq!(a.in_flight(), 1);
+    }
+}
