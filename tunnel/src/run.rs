@@ -90,6 +90,7 @@ pub async fn run(
     let mut cfg = ServerConfig::new(pki.agents_config()?);
     cfg.keepalive = s.keepalive;
     cfg.limit(&s.limits);
+    cfg.trimmer = Some(edge_cli::memory::Trimmer::spawn(shutdown.clone()));
     let agents_tls = cfg.tls.clone();
     let nodes = Follower::open(&s.node_table).map_err(Error::NodeTable)?;
     tokio::spawn(nodes.clone().run(s.node_table_poll, shutdown.clone()));

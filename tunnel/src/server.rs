@@ -51,6 +51,8 @@ pub struct ServerConfig {
     /// (which finishes its open streams first).
     pub max_sessions_per_node: usize,
     pub keepalive: tunnel_proto::keepalive::Keepalive,
+    /// Told when the last redirected connection closes (memory goes back to the kernel).
+    pub trimmer: Option<edge_cli::memory::Trimmer>,
 }
 
 impl ServerConfig {
@@ -73,6 +75,7 @@ impl ServerConfig {
             max_sessions_per_node: limits.max_sessions_per_node,
             max_ingress_connections: limits.max_ingress_connections,
             keepalive: Default::default(),
+            trimmer: None,
         }
     }
 }
@@ -515,6 +518,11 @@ impl Server {
         st.streams_open.inc();
         let r = self.route_and_forward(tcp, orig).await;
         st.streams_open.dec();
+        if st.streams_open.get() == 0
+            && let Some(t) = &self.0.cfg.trimmer
+        {
+            t.idle();
+        }
         r
     }
 

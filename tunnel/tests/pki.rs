@@ -150,6 +150,7 @@ impl Cluster {
             backoff_max: Duration::from_millis(200),
             keepalive: Default::default(),
             drain_timeout: Duration::from_secs(30),
+            trimmer: None,
         }
     }
 }

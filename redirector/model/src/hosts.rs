@@ -35,12 +35,19 @@ pub fn render(table: &NodeTable) -> String {
 /// line: the lines after it may be the operator's, and are kept.
 pub fn splice(existing: &str, block: &str) -> String {
     let mut out = String::with_capacity(existing.len() + block.len());
-    let lines: Vec<&str> = existing.lines().collect();
+    // Split on '\n' only: `str::lines` also eats a '\r' before it, so every rewrite of a line
+    // ending in "\r\r\n" lost one '\r' and the file never stopped changing (found by fuzzing).
+    // The markers are recognised with or without a '\r' (a file saved with CRLF endings).
+    let lines: Vec<&str> = existing
+        .split_inclusive('\n')
+        .map(|l| l.strip_suffix('\n').unwrap_or(l))
+        .collect();
+    let is = |line: &str, marker: &str| line.strip_suffix('\r').unwrap_or(line) == marker;
     let mut inside = false;
     let mut placed = false;
     for (i, line) in lines.iter().enumerate() {
-        if *line == BEGIN {
-            inside = lines[i + 1..].contains(&END);
+        if is(line, BEGIN) {
+            inside = lines[i + 1..].iter().any(|l| is(l, END));
             if !placed {
                 out.push_str(block);
                 placed = true;
@@ -48,7 +55,7 @@ pub fn splice(existing: &str, block: &str) -> String {
             continue;
         }
         if inside {
-            inside = *line != END;
+            inside = !is(line, END);
             continue;
         }
         out.push_str(line);
@@ -114,6 +121,21 @@ mod tests {
 
     fn table(text: &str) -> NodeTable {
         NodeTable::parse(text, Path::new("nodes.txt")).unwrap()
+    }
+
+    #[test]
+    fn carriage_returns_survive_every_rewrite_and_crlf_markers_are_recognised() {
+        // Found by fuzzing: each splice ate one '\r' of a line ending in "\r\r\n".
+        let existing = "127.0.0.1 localhost\r\r\r\n10.0.0.1 host\r\n";
+        let once = splice(existing, "");
+        assert_eq!(once, existing);
+        assert_eq!(splice(&once, ""), once);
+        let block = render(&table("edge-a 192.0.2.10 tunnel=198.51.100.10\n"));
+        let with = splice(existing, &block);
+        assert_eq!(splice(&with, &block), with);
+        // A block saved with CRLF endings is still the managed block.
+        let crlf = with.replace('\n', "\r\n");
+        assert_eq!(splice(&crlf, ""), existing.replace('\n', "\r\n"));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`hosts`]: the managed hosts block and the CoreDNS hosts file (name -> tunnel address).
 //! - [`orig_dst`]: the original destination of a redirected connection.
 //! - [`lock`]: the lock beside a file several processes rewrite.
+//! - [`allocations`]: tunnel address allocations as text.
+pub mod allocations;
 pub mod error;
 pub mod follow;
 pub mod hosts;

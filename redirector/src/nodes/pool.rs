@@ -1,14 +1,11 @@
 //! Tunnel addresses from a configured CIDR: the pure allocation plan. Persistence and
 //! compare-and-swap are the store's ([`super::store`]).
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
 
 /// Node name -> its tunnel address.
-pub type Allocations = BTreeMap<String, IpAddr>;
+pub use edge_model::allocations::Allocations;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {

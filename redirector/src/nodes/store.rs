@@ -63,38 +63,12 @@ pub async fn allocate<S: AllocationStore>(
     Err(SyncError::Contention(MAX_ATTEMPTS))
 }
 
-/// The allocations as text, one `name address` per line (the file store's and the
-/// ConfigMap's format).
+/// The allocations as text ([`edge_model::allocations`]).
 pub fn render(a: &Allocations) -> String {
-    let mut out = String::with_capacity(a.len() * 32);
-    for (name, ip) in a {
-        out.push_str(name);
-        out.push(' ');
-        out.push_str(&ip.to_string());
-        out.push('\n');
-    }
-    out
+    edge_model::allocations::render(a)
 }
 
 /// The inverse of [`render`]; `what` names the source in errors.
 pub fn parse(text: &str, what: &str) -> Result<Allocations> {
-    let mut a = Allocations::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut f = line.split_whitespace();
-        let (Some(name), Some(ip), None) = (f.next(), f.next(), f.next()) else {
-            return Err(SyncError::Invalid(format!(
-                "{what}:{}: expected `<node-name> <address>`, got {line:?}",
-                i + 1
-            )));
-        };
-        let ip = ip.parse().map_err(|_| {
-            SyncError::Invalid(format!("{what}:{}: {ip:?} is not an address", i + 1))
-        })?;
-        a.insert(name.to_owned(), ip);
-    }
-    Ok(a)
+    edge_model::allocations::parse(text, what).map_err(SyncError::Invalid)
 }

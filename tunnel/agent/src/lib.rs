@@ -9,6 +9,8 @@
 //! - [`session`]: sessions to every replica, rotation, the allow-listed local dial.
 //! - [`pki`], [`enroll`], `csr_api`: certificates from files, a bootstrap token or the CSR API.
 //! - [`metrics`]: the agent's Prometheus metrics.
+//! - [`connect`]: which streams it serves (CONNECT, its own node, allow-listed ports).
+pub mod connect;
 #[cfg(feature = "csr-api")]
 pub mod csr_api;
 pub mod enroll;

@@ -154,6 +154,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
         backoff_max: Duration::from_secs(30),
         keepalive: s.keepalive,
         drain_timeout: s.drain_timeout,
+        trimmer: Some(edge_cli::memory::Trimmer::spawn(shutdown.clone())),
     };
     session::run(cfg, metrics, shutdown).await;
     Ok(())

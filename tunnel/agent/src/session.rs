@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub keepalive: tunnel_proto::keepalive::Keepalive,
     /// How long a draining session (GOAWAY sent) may keep its open streams.
     pub drain_timeout: Duration,
+    /// Told when the last open stream closes (memory goes back to the kernel then).
+    pub trimmer: Option<edge_cli::memory::Trimmer>,
 }
 
 /// After new sessions are up, how long the old ones keep taking new streams: the servers
@@ -329,19 +331,20 @@ async fn serve_stream(
     req: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
 ) {
-    if req.method() != http::Method::CONNECT {
-        return reject(stats, respond, Refusal::NotConnect);
-    }
-    if let Some(n) = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok())
-        && n != cfg.node_id
-    {
-        tracing::warn!(asked = n, node = %cfg.node_id, "stream for another node refused");
-        return reject(stats, respond, Refusal::OtherNode);
-    }
-    let port = req.uri().port_u16();
-    let Some(port) = port.filter(|p| cfg.allowed_ports.contains(p)) else {
-        tracing::warn!(uri = %req.uri(), "stream for a port that is not allow-listed refused");
-        return reject(stats, respond, Refusal::PortNotAllowed);
+    let port = match crate::connect::admit(&req, &cfg.node_id, &cfg.allowed_ports) {
+        Ok(port) => port,
+        Err(why) => {
+            match why {
+                Refusal::OtherNode => {
+                    tracing::warn!(asked = ?req.headers().get(NODE_HEADER), node = %cfg.node_id, "stream for another node refused")
+                }
+                Refusal::PortNotAllowed => {
+                    tracing::warn!(uri = %req.uri(), "stream for a port that is not allow-listed refused")
+                }
+                _ => {}
+            }
+            return reject(stats, respond, why);
+        }
     };
     let mut last_err = None;
     let mut tcp = None;
@@ -367,6 +370,11 @@ async fn serve_stream(
     };
     let out = relay::relay(tcp, up, req.into_body()).await;
     stats.streams_open.dec();
+    if stats.streams_open.get() == 0
+        && let Some(t) = &cfg.trimmer
+    {
+        t.idle();
+    }
     stats
         .bytes
         .get_or_create(&Direction {

@@ -6,6 +6,7 @@
 //! - [`process`]: SIGTERM/SIGINT as a cancellation token, the runtime, the open-file limit.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`runtime_tasks`]: the tasks alive, on every
 //!   `/metrics`.
+//! - [`memory`]: freed memory handed back after a burst.
 //! - [`linger`]: a close that does not destroy the last answer.
 //! - [`accept`]: accept loops that back off on resource errors; [`warn_every`]: aggregated
 //!   warnings for what outsiders can trigger.
@@ -13,6 +14,7 @@ pub mod accept;
 pub mod http;
 pub mod linger;
 pub mod logging;
+pub mod memory;
 pub mod process;
 pub mod runtime_tasks;
 pub mod seconds;

@@ -40,7 +40,18 @@ pub fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| Error::TlsConfig(format!("server certificate: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    no_resumption(&mut cfg);
     Ok(Arc::new(cfg))
+}
+
+/// No session tickets and no session cache: every session and enrollment presents the
+/// certificate it holds now (a resumed one would carry the one it was first made with), and a
+/// cache of 256 sessions with their client chains was memory that only grew (the soak saw the
+/// server's RSS creep while tasks and descriptors stayed flat). Two tickets per handshake were
+/// also signing work a reconnecting fleet did for nothing.
+fn no_resumption(cfg: &mut ServerConfig) {
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 }
 
 /// The enrollment endpoint's config: client certificates are asked for and verified when
@@ -54,12 +65,13 @@ pub fn enrollment_config(
         .allow_unauthenticated()
         .build()
         .map_err(|e| Error::TlsConfig(format!("client verifier: {e}")))?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::TlsConfig(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| Error::TlsConfig(format!("server certificate: {e}")))?;
+    no_resumption(&mut cfg);
     Ok(Arc::new(cfg))
 }
 

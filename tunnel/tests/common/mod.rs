@@ -189,6 +189,7 @@ pub fn agent_config(
         backoff_max: Duration::from_millis(200),
         keepalive: Default::default(),
         drain_timeout: Duration::from_secs(30),
+        trimmer: None,
     }
 }
 
