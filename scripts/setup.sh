@@ -107,6 +107,13 @@ if command -v bpf-linker >/dev/null \
         "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
+# cargo-fuzz: the fuzz targets (cargo xtask fuzz) build with it on the eBPF nightly.
+CARGO_FUZZ_VERSION=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+    echo "setup: cargo install cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo +"$HOST_TOOLCHAIN" install --locked --force "cargo-fuzz@$CARGO_FUZZ_VERSION"
+fi
+
 for deb in "${DEMO_DEBS[@]}"; do
     if [ ! -x "$DEMO_TOOLS/usr/bin/$deb" ]; then
         echo "setup: unpacking Debian's $deb into $DEMO_TOOLS"

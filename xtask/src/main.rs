@@ -1,10 +1,11 @@
-//! `cargo xtask <task>`: lint, test, bench, demo.
+//! `cargo xtask <task>`: lint, test, bench, soak, fuzz, dist, demo.
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod dist;
+mod fuzz;
 
 /// The nightly that builds the eBPF crate (see scripts/setup.sh for why this one).
 pub(crate) const BPF_TOOLCHAIN: &str = "nightly-2026-08-05";
@@ -37,6 +38,12 @@ enum Task {
     Soak {
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every fuzz target (cargo-fuzz, the pinned nightly): `--seconds N` each (default
+    /// 60), `--target NAME`, `--minimize` (merge what was found into the kept corpus).
+    Fuzz {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -204,8 +211,11 @@ fn main() -> Result<()> {
                 "--check",
                 "--rss-limit-pct",
                 "15",
-            ]))
+            ]))?;
+            // Every fuzz target, bounded for CI.
+            fuzz::fuzz(&["--seconds".into(), "30".into()])
         }
+        Task::Fuzz { args } => fuzz::fuzz(&args),
         Task::Soak { minutes, args } => {
             run(cargo().args(["build", "--release", "--bins"]))?;
             run(Command::new("target/release/soak")
