@@ -112,7 +112,44 @@ async fn wrong_ca_expired_or_missing_client_certificate_is_refused_with_the_reas
         "the wrong-CA rejection in the log",
     )
     .await;
+    // The agent says the server refused its certificate, not only which alert came.
+    wait_for(
+        || {
+            logs.text()
+                .contains("the server refused this agent's certificate")
+        },
+        "the agent's explanation",
+    )
+    .await;
     wrong.stop.cancel();
+
+    // Another CA with the cluster CA's very name (two runs of a make-certs script): the server
+    // sees a bad signature, the agent only a DecryptError alert, and still gets the hint.
+    let twin = Ca::new("cluster CA");
+    let before = logs
+        .text()
+        .matches("the server refused this agent's certificate")
+        .count();
+    let twin_agent = start_agent(agent_config(
+        &ca,
+        twin.agent("edge-a"),
+        "edge-a",
+        &[srv.agent_addr],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    ));
+    wait_for(
+        || {
+            let t = logs.text();
+            t.contains("BadSignature")
+                && t.matches("the server refused this agent's certificate")
+                    .count()
+                    > before
+        },
+        "the same-name CA's rejection on both ends",
+    )
+    .await;
+    twin_agent.stop.cancel();
 
     let expired_leaf = ca.agent_valid_until(
         "edge-a",

@@ -16,6 +16,7 @@ pub mod csr_api;
 pub mod enroll;
 pub mod metrics;
 pub mod pki;
+pub mod refused_cert;
 pub mod run;
 pub mod session;
 

@@ -249,7 +249,10 @@ async fn session(
     let tls = tokio_rustls::TlsConnector::from(cfg.tls.get())
         .connect(cfg.server_name.clone(), tcp)
         .await
-        .map_err(|e| Error::io(format!("TLS with server {server}"), e))?;
+        .map_err(|e| {
+            let hint = crate::refused_cert::hint(&e);
+            Error::io(format!("TLS with server {server}{hint}"), e)
+        })?;
     let mut conn = h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(i32::MAX as u32)
@@ -258,7 +261,10 @@ async fn session(
         .max_concurrent_streams(100_000)
         .handshake::<_, Bytes>(tls)
         .await
-        .map_err(|e| Error::h2(format!("handshake with server {server}"), e))?;
+        .map_err(|e| {
+            let hint = crate::refused_cert::hint_h2(&e);
+            Error::h2(format!("handshake with server {server}{hint}"), e)
+        })?;
     stats.sessions_established.inc();
     stats.sessions.inc();
     // Counted down however the session ends.
