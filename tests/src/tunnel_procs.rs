@@ -78,6 +78,64 @@ pub fn agent_args(
     .to_vec()
 }
 
+/// Where a `tunnel server --ca-dir` (a CA it keeps, and enrollment) listens.
+pub struct CaDirServer<'a> {
+    pub ca_dir: &'a Path,
+    /// `--server-names` (comma list).
+    pub names: &'a str,
+    pub enroll_at: SocketAddr,
+    pub agents_at: SocketAddr,
+    pub ingress: SocketAddr,
+    pub metrics_at: SocketAddr,
+}
+
+impl CaDirServer<'_> {
+    /// Its arguments, with the world's node table and pins.
+    pub fn args(&self, w: &World) -> Vec<String> {
+        [
+            "server",
+            "--ca-dir",
+            &s(self.ca_dir),
+            "--server-names",
+            self.names,
+            "--enroll-listen",
+            &self.enroll_at.to_string(),
+            "--agent-listen",
+            &self.agents_at.to_string(),
+            "--host-ingress",
+            &self.ingress.to_string(),
+            "--node-table",
+            &s(&w.node_table),
+            "--pin-dir",
+            &s(&w.pin_dir),
+            "--metrics-listen",
+            &self.metrics_at.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+/// `tunnel token create --<store_flag> <store> --node <node>` (`store_flag`: `tokens` or
+/// `ca-dir`): the token it printed.
+pub fn token_create(store_flag: &str, store: &Path, node: &str) -> String {
+    let out = std::process::Command::new(crate::spawn::workspace_bin("tunnel"))
+        .args(["token", "create", &format!("--{store_flag}")])
+        .arg(store)
+        .args(["--node", node])
+        .output()
+        .expect("spawn tunnel token create");
+    assert!(
+        out.status.success(),
+        "tunnel token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("token text")
+        .trim()
+        .to_owned()
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

@@ -4,7 +4,7 @@
 //! token is refused with its reason. Root only.
 use std::process::Command;
 
-use redirector_tests::{LoggedProc, World, free_addr, replies, spawn::workspace_bin};
+use redirector_tests::{LoggedProc, World, free_addr, replies, spawn::workspace_bin, tunnel_procs};
 
 fn s(p: &std::path::Path) -> String {
     p.display().to_string()
@@ -25,44 +25,19 @@ fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
         )
     };
     let _redirector = redirector_tests::RedirectorProc::start_with_ingress(&w, ingress, &[]);
-    let mut server = LoggedProc::spawn(
-        &w,
-        "tunnel-server",
-        &w.master,
-        "tunnel",
-        &[
-            "server",
-            "--ca-dir",
-            &s(&ca_dir),
-            "--server-names",
-            "tunnel.test,198.51.100.1",
-            "--enroll-listen",
-            &enroll_at.to_string(),
-            "--agent-listen",
-            &agents_at.to_string(),
-            "--host-ingress",
-            &ingress.to_string(),
-            "--node-table",
-            &s(&w.node_table),
-            "--pin-dir",
-            &s(&w.pin_dir),
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
-    );
+    let args = tunnel_procs::CaDirServer {
+        ca_dir: &ca_dir,
+        names: "tunnel.test,198.51.100.1",
+        enroll_at,
+        agents_at,
+        ingress,
+        metrics_at,
+    }
+    .args(&w);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = LoggedProc::spawn(&w, "tunnel-server", &w.master, "tunnel", &args);
     server.wait_log(&["tunnel server ready"]);
-    let token = |node: &str| {
-        let out = Command::new(workspace_bin("tunnel"))
-            .args(["token", "create", "--tokens", &s(&tokens), "--node", node])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let token = |node: &str| tunnel_procs::token_create("tokens", &tokens, node);
     let t = token("edge-a");
     let cert_dir = w.dir.join("agent-edge-a");
     let agent_args = |t: &str, dir: &std::path::Path| {

@@ -11,15 +11,12 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
 
 use redirector::node_table::NodeTable;
-use redirector_tests::{
-    LoggedProc, RedirectorProc, World, free_addr, replies, spawn::workspace_bin,
-};
+use redirector_tests::{LoggedProc, RedirectorProc, World, free_addr, replies, tunnel_procs};
 
 const POOL: &str = "192.0.2.0/29";
 const SERVED: &str = "edge 127.0.0.1:10250";
@@ -90,43 +87,19 @@ impl Fleet {
         sync.wait_log(&["node table written"]);
         let redirector = RedirectorProc::start_with_ingresses(&w, ingress, ingress6, &[]);
         let ca_dir = w.dir.join("tunnel-ca");
-        let server_args: Vec<String> = [
-            "server",
-            "--ca-dir",
-            &s(&ca_dir),
-            "--server-names",
-            "tunnel.test",
-            "--enroll-listen",
-            &enroll_at.to_string(),
-            "--agent-listen",
-            &agents_at.to_string(),
-            "--host-ingress",
-            &ingress.to_string(),
-            "--host-ingress6",
-            &ingress6.to_string(),
-            "--node-table",
-            &s(&w.node_table),
-            "--pin-dir",
-            &s(&w.pin_dir),
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let mut server_args = tunnel_procs::CaDirServer {
+            ca_dir: &ca_dir,
+            names: "tunnel.test",
+            enroll_at,
+            agents_at,
+            ingress,
+            metrics_at,
+        }
+        .args(&w);
+        server_args.extend(["--host-ingress6".to_owned(), ingress6.to_string()]);
         let mut server = spawn(&w, "tunnel-server", &w.master, "tunnel", &server_args);
         server.wait_log(&["tunnel server ready"]);
-        let token = |node: &str| {
-            let out = Command::new(workspace_bin("tunnel"))
-                .args(["token", "create", "--ca-dir", &s(&ca_dir), "--node", node])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        };
+        let token = |node: &str| tunnel_procs::token_create("ca-dir", &ca_dir, node);
         // A token not used yet must outlive every restart too.
         token("edge-b");
         let cert_dir = w.dir.join("agent-edge-a");
