@@ -30,5 +30,8 @@ fuzz_target!(|input: &str| {
         parts.next().unwrap_or(""),
     );
     let r = enroller().handle(path, bearer, None, body);
-    assert!(r.is_err(), "issued without a token or a certificate: {path:?} {bearer:?}");
+    assert!(
+        r.is_err(),
+        "issued without a token or a certificate: {path:?} {bearer:?}"
+    );
 });

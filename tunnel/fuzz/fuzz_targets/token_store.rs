@@ -10,7 +10,11 @@ use tunnel::pki::token::TokenStore;
 fn dir() -> &'static std::path::Path {
     static D: OnceLock<std::path::PathBuf> = OnceLock::new();
     D.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
         let d = std::path::PathBuf::from(format!("{base}/token-store-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -27,12 +31,19 @@ fuzz_target!(|data: &[u8]| {
         Ok(token) => {
             assert_eq!(store.check(&token, "edge-a").as_deref(), Ok("edge-a"));
             assert_eq!(store.redeem(&token, "edge-a").as_deref(), Ok("edge-a"));
-            assert!(store.check(&token, "edge-a").is_err(), "a redeemed token is used up");
+            assert!(
+                store.check(&token, "edge-a").is_err(),
+                "a redeemed token is used up"
+            );
         }
         Err(e) => {
             // Only an unreadable store refuses a new token, and it is left as it was.
             assert!(read.is_err(), "create failed ({e}) on a store that reads");
-            assert_eq!(std::fs::read(&path).unwrap(), data, "a refused store was rewritten");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                data,
+                "a refused store was rewritten"
+            );
         }
     }
 });

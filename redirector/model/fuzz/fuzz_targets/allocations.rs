@@ -6,9 +6,13 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
     if let Ok(a) = allocations::parse(text, "fuzz") {
-        let again = allocations::parse(&allocations::render(&a), "rendered").expect("rendered parses");
+        let again =
+            allocations::parse(&allocations::render(&a), "rendered").expect("rendered parses");
         assert_eq!(again, a);
     } else if let Err(e) = allocations::parse(text, "fuzz") {
-        assert!(e.starts_with("fuzz:"), "the error names the source and line: {e}");
+        assert!(
+            e.starts_with("fuzz:"),
+            "the error names the source and line: {e}"
+        );
     }
 });

@@ -16,9 +16,15 @@ fuzz_target!(|input: &str| {
     let block = hosts::render(&t);
     let once = hosts::splice(existing, &block);
     let twice = hosts::splice(&once, &block);
-    assert_eq!(once, twice, "splicing the same block again changed the file");
+    assert_eq!(
+        once, twice,
+        "splicing the same block again changed the file"
+    );
     for line in block.lines() {
-        assert!(once.lines().any(|l| l == line), "{line:?} missing from\n{once}");
+        assert!(
+            once.lines().any(|l| l == line),
+            "{line:?} missing from\n{once}"
+        );
     }
     let removed = hosts::splice(&once, "");
     assert!(!removed.lines().any(|l| l == hosts::BEGIN), "{removed}");
