@@ -7,8 +7,9 @@
 //! - edge-a's certificate renewed (its agent opens a new session and drains the old one).
 //!
 //! After every cycle, once nothing is in flight, it records RSS, descriptors, threads and
-//! async tasks of every process. Target: after the first cycle, RSS grows by less than 5% (`--rss-limit-pct`) and
-//! descriptors and tasks return to their baseline. Prints a table, writes
+//! async tasks of every process. Target: after the first cycle, anonymous RSS (heap and stacks;
+//! the whole RSS is reported too) grows by less than 5% (`--rss-limit-pct`) and descriptors and
+//! tasks return to their baseline. Prints a table, writes
 //! `target/bench/soak.json`; `--check` exits non-zero when a target is missed. Root only.
 use std::{
     collections::BTreeMap,
@@ -273,17 +274,22 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64() / 60.0
     );
     println!(
-        "| process | RSS after cycle 1 -> end | growth | fds | tasks | threads |\n|---|---|---|---|---|---|"
+        "| process | anonymous RSS after cycle 1 -> end | growth | whole RSS | fds | tasks | threads |\n|---|---|---|---|---|---|---|"
     );
     for (name, s0) in first.as_object().unwrap() {
         let s1 = &last[name];
         let get = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
-        let growth = 100.0 * (get(s1, "rss_kib") as f64 - get(s0, "rss_kib") as f64)
-            / get(s0, "rss_kib").max(1) as f64;
+        let pct =
+            |k: &str| 100.0 * (get(s1, k) as f64 - get(s0, k) as f64) / get(s0, k).max(1) as f64;
+        // The target is on the anonymous part: heap and stacks, what a leak grows.
+        let growth = pct("rss_anon_kib");
         println!(
-            "| {name} | {} -> {} KiB | {growth:+.1}% | {} -> {} | {} -> {} | {} -> {} |",
+            "| {name} | {} -> {} KiB | {growth:+.1}% | {} -> {} KiB ({:+.1}%) | {} -> {} | {} -> {} | {} -> {} |",
+            get(s0, "rss_anon_kib"),
+            get(s1, "rss_anon_kib"),
             get(s0, "rss_kib"),
             get(s1, "rss_kib"),
+            pct("rss_kib"),
             get(s0, "fds"),
             get(s1, "fds"),
             get(s0, "tasks"),
@@ -295,7 +301,7 @@ fn main() -> Result<()> {
         let long_lived = !name.contains("restarted");
         if long_lived {
             if growth >= args.rss_limit_pct {
-                missed.push(format!("{name}: RSS grew {growth:.1}%"));
+                missed.push(format!("{name}: anonymous RSS grew {growth:.1}%"));
             }
             for k in ["fds", "tasks"] {
                 if get(s1, k) != get(s0, k) {
@@ -305,7 +311,7 @@ fn main() -> Result<()> {
         }
         summary.insert(
             name.clone(),
-            json!({"after_first_cycle": s0, "end": s1, "rss_growth_pct": growth, "long_lived": long_lived}),
+            json!({"after_first_cycle": s0, "end": s1, "rss_anon_growth_pct": growth, "rss_growth_pct": pct("rss_kib"), "long_lived": long_lived}),
         );
     }
     if total_bad > 0 {
@@ -321,7 +327,7 @@ fn main() -> Result<()> {
         "cycles": cycles.len(),
         "streams_ok": total_ok,
         "streams_failed": total_bad,
-        "targets": {"rss_growth_pct_below": args.rss_limit_pct, "fds_and_tasks": "back to the value after cycle 1"},
+        "targets": {"rss_anon_growth_pct_below": args.rss_limit_pct, "fds_and_tasks": "back to the value after cycle 1"},
         "summary": summary,
         "missed": missed,
         "per_cycle": cycles,
