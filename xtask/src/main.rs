@@ -201,16 +201,17 @@ fn main() -> Result<()> {
             }
             dist::dist(&["--master".into(), "--platform".into(), "linux-amd64".into()])?;
             test_with_summary(&args)?;
-            // The soak's bounded version, on the debug build just made: cycles short enough
-            // for CI, long enough that a leak of descriptors or tasks shows. RSS of a debug
-            // build over a few cycles moves by a few per cent with the allocator, so the
-            // short run holds it to 15%; the 30-minute release run holds it to 5%.
+            // The soak's bounded version, on the debug build just made: long enough that a
+            // leak of descriptors or tasks shows (those must come back exactly). Over a few
+            // cycles the heap still climbs to its high-water marks (a few hundred KiB on a
+            // 1.5 MiB heap), so the short run only catches gross growth; the 30-minute release
+            // run (`cargo xtask soak`) is the one held to 5%.
             run(Command::new("target/debug/soak").args([
                 "--minutes",
                 "2",
                 "--check",
                 "--rss-limit-pct",
-                "15",
+                "50",
             ]))?;
             // Every fuzz target, bounded for CI.
             fuzz::fuzz(&["--seconds".into(), "30".into()])

@@ -247,8 +247,8 @@ fn main() -> Result<()> {
             procs
                 .iter()
                 .map(|(n, s)| format!(
-                    "{n}: {} KiB {} fds {} tasks",
-                    s.stats.rss_kib, s.stats.fds, s.tasks
+                    "{n}: {} KiB ({} anonymous) {} fds {} tasks",
+                    s.stats.rss_kib, s.stats.rss_anon_kib, s.stats.fds, s.tasks
                 ))
                 .collect::<Vec<_>>()
                 .join("; ")
