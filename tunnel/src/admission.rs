@@ -123,6 +123,17 @@ pub enum Verdict {
     PerSourceFull,
 }
 
+impl Verdict {
+    /// The refusal label a verdict is counted under (`None`: nothing to count).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Verdict::Admitted => None,
+            Verdict::AdmittedEvictingOldest => Some("evicted_oldest"),
+            Verdict::PerSourceFull => Some("per_source_full"),
+        }
+    }
+}
+
 impl Admission {
     pub fn new(limits: AdmissionLimits) -> Self {
         Self {

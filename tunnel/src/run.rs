@@ -89,7 +89,7 @@ pub async fn run(
     let pki = Arc::new(pki(&s, &shutdown).await?);
     let mut cfg = ServerConfig::new(pki.agents_config()?);
     cfg.keepalive = s.keepalive;
-    cfg.limit(&s.limits);
+    cfg.limits = s.limits;
     cfg.trimmer = Some(edge_cli::memory::Trimmer::spawn(shutdown.clone()));
     let agents_tls = cfg.tls.clone();
     let nodes = Follower::open(&s.node_table).map_err(Error::NodeTable)?;

@@ -20,7 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    admission::{Admission, AdmissionLimits, Limits, Ticket, Verdict},
+    admission::{Admission, Limits, Ticket, Verdict},
     error::{Error, Result},
     identity,
     metrics::{AdmissionLabel, Direction, Reason, ServerMetrics},
@@ -40,40 +40,21 @@ pub struct ServerConfig {
     pub stream_window: u32,
     /// How long opening a stream (agent dial included) may take.
     pub open_timeout: Duration,
-    /// TLS handshake deadline for agents.
-    pub handshake_timeout: Duration,
-    /// Agent connections in their TLS handshake at once, in total and per source address.
-    pub admission: AdmissionLimits,
-    /// Redirected connections the ingresses hold at once; past it, new ones are reset and
-    /// counted (`ingress_full`).
-    pub max_ingress_connections: usize,
-    /// Live sessions one node identity may hold; a session over it closes the node's oldest
-    /// (which finishes its open streams first).
-    pub max_sessions_per_node: usize,
+    /// What outsiders may hold: handshake deadline and slots, sessions per node, redirected
+    /// connections (the enrollment's limits are the endpoint's).
+    pub limits: Limits,
     pub keepalive: tunnel_proto::keepalive::Keepalive,
     /// Told when the last redirected connection closes (memory goes back to the kernel).
     pub trimmer: Option<edge_cli::memory::Trimmer>,
 }
 
 impl ServerConfig {
-    /// Applies `limits` (the enrollment's are the endpoint's).
-    pub fn limit(&mut self, limits: &Limits) {
-        self.handshake_timeout = limits.handshake_timeout;
-        self.admission = limits.agents;
-        self.max_sessions_per_node = limits.max_sessions_per_node;
-        self.max_ingress_connections = limits.max_ingress_connections;
-    }
-
     pub fn new(tls: impl Into<tunnel_proto::tls::Live<rustls::ServerConfig>>) -> Self {
-        let limits = Limits::default();
         Self {
             tls: tls.into(),
             stream_window: 1 << 20,
             open_timeout: Duration::from_secs(10),
-            handshake_timeout: limits.handshake_timeout,
-            admission: limits.agents,
-            max_sessions_per_node: limits.max_sessions_per_node,
-            max_ingress_connections: limits.max_ingress_connections,
+            limits: Limits::default(),
             keepalive: Default::default(),
             trimmer: None,
         }
@@ -107,7 +88,7 @@ struct Inner {
     connections: TaskTracker,
     refused_warn: Mutex<edge_cli::warn_every::WarnKinds>,
     agents_admission: Admission,
-    /// Redirected connections held now (against `max_ingress_connections`).
+    /// Redirected connections held now (against `limits.max_ingress_connections`).
     ingress_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -150,7 +131,7 @@ impl Server {
             refused_warn: Mutex::new(edge_cli::warn_every::WarnKinds::new(Duration::from_secs(
                 10,
             ))),
-            agents_admission: Admission::new(cfg.admission),
+            agents_admission: Admission::new(cfg.limits.agents),
             ingress_held: Default::default(),
             cfg,
         }))
@@ -247,14 +228,12 @@ impl Server {
                 x = listener.accept() => x,
             };
             let (ticket, verdict) = self.0.agents_admission.admit(peer.ip());
-            match verdict {
-                Verdict::Admitted => {}
-                Verdict::AdmittedEvictingOldest => self.admission_refused("evicted_oldest", peer, || {
-                    format!("{} agent connections in their TLS handshake (--max-handshakes): closed the oldest for this one", self.0.agents_admission.limits().total)
-                }),
-                Verdict::PerSourceFull => self.admission_refused("per_source_full", peer, || {
-                    format!("{} agent connections from {} already in their TLS handshake (--max-handshakes-per-source): closed at once", self.0.agents_admission.limits().per_source, peer.ip())
-                }),
+            if let Some(reason) = verdict.label() {
+                let limits = self.0.agents_admission.limits();
+                self.admission_refused(reason, peer, || match verdict {
+                    Verdict::PerSourceFull => format!("{} agent connections from {} already in their TLS handshake (--max-handshakes-per-source): closed at once", limits.per_source, peer.ip()),
+                    _ => format!("{} agent connections in their TLS handshake (--max-handshakes): closed the oldest for this one", limits.total),
+                });
             }
             let Some(ticket) = ticket else {
                 drop(tcp);
@@ -273,15 +252,22 @@ impl Server {
                     // Anyone can make a handshake fail: a flood of one reason is one line
                     // per 10 s (the counter keeps the exact number), other reasons still show.
                     let msg = e.to_string();
-                    let mut w = server
-                        .0
-                        .refused_warn
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    w.warn(&msg, |more| tracing::warn!(%peer, "agent session refused or failed: {msg}{more}"));
+                    server.warn_aggregated(&msg, |more| {
+                        tracing::warn!(%peer, "agent session refused or failed: {msg}{more}")
+                    });
                 }
             });
         }
+    }
+
+    /// A warning of `kind` that outsiders can trigger at will: the first in full, then one line
+    /// per 10 s saying how many more (the counters keep the exact numbers).
+    fn warn_aggregated(&self, kind: &str, emit: impl FnOnce(&str)) {
+        self.0
+            .refused_warn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .warn(kind, emit);
     }
 
     /// Counts a connection closed before authentication and warns (aggregated per reason:
@@ -300,12 +286,7 @@ impl Server {
                 reason,
             })
             .inc();
-        let mut w = self
-            .0
-            .refused_warn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        w.warn(reason, |more| {
+        self.warn_aggregated(reason, |more| {
             let msg = msg();
             tracing::warn!(%peer, reason, "agent connection closed before authentication: {msg}{more}")
         });
@@ -320,7 +301,7 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<()> {
         let _ = tcp.set_nodelay(true);
-        let timeout = self.0.cfg.handshake_timeout;
+        let timeout = self.0.cfg.limits.handshake_timeout;
         let tls = tokio::select! {
             r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
             _ = ticket.evicted.cancelled() => {
@@ -369,7 +350,7 @@ impl Server {
             let live = sessions.entry(node.clone()).or_default();
             // Bounded per identity: the oldest leaves the routing (no new streams) and closes
             // once its open streams are done, as a drained session does.
-            while live.len() >= self.0.cfg.max_sessions_per_node.max(1) {
+            while live.len() >= self.0.cfg.limits.max_sessions_per_node.max(1) {
                 let old = live.remove(0);
                 old.evicted.cancel();
                 self.0
@@ -381,13 +362,8 @@ impl Server {
                     })
                     .inc();
                 // Agents over the bound reconnect and close another in turn: aggregated.
-                let max = self.0.cfg.max_sessions_per_node;
-                let mut w = self
-                    .0
-                    .refused_warn
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                w.warn("sessions_per_node", |more| {
+                let max = self.0.cfg.limits.max_sessions_per_node;
+                self.warn_aggregated("sessions_per_node", |more| {
                     tracing::warn!(node = %node, %peer, closed_session = old.id, closed_peer = %old.peer, max, "the node has more live sessions than --max-sessions-per-node: its oldest takes no new streams and closes once its open streams are done (more agents hold this node's certificate than the bound){more}");
                 });
             }
@@ -491,7 +467,7 @@ impl Server {
             };
             let held = self.0.ingress_held.fetch_add(1, Ordering::Relaxed);
             let release = HeldConnection(self.0.ingress_held.clone());
-            if held >= self.0.cfg.max_ingress_connections {
+            if held >= self.0.cfg.limits.max_ingress_connections {
                 drop(release);
                 self.refuse(tcp, Refusal::IngressFull, format!(
                     "{held} redirected connections held (--max-ingress-connections); {peer} reset"
@@ -705,12 +681,7 @@ impl Server {
             .inc();
         if why == Refusal::IngressFull {
             // A flood is what fills the ingress: one line per 10 s, the counter is exact.
-            let mut w = self
-                .0
-                .refused_warn
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            w.warn(why.label(), |more| {
+            self.warn_aggregated(why.label(), |more| {
                 tracing::warn!(reason = why.label(), "{msg}{more}")
             });
             return;

@@ -18,7 +18,7 @@ const TABLE: &str = "edge-a 198.51.100.10\n";
 #[tokio::test]
 async fn a_node_over_its_session_bound_closes_its_oldest_after_that_sessions_streams() {
     let ca = Ca::new("cluster CA");
-    let srv = start_server_with(&ca, routes(TABLE), |c| c.max_sessions_per_node = 2).await;
+    let srv = start_server_with(&ca, routes(TABLE), |c| c.limits.max_sessions_per_node = 2).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "first").await;
     greeting_service("127.0.0.3".parse().unwrap(), port, "second").await;
     greeting_service("127.0.0.4".parse().unwrap(), port, "third").await;
@@ -80,7 +80,7 @@ async fn a_node_over_its_session_bound_closes_its_oldest_after_that_sessions_str
 #[tokio::test]
 async fn the_ingress_resets_connections_past_its_limit_and_takes_them_again_after() {
     let ca = Ca::new("cluster CA");
-    let srv = start_server_with(&ca, routes(TABLE), |c| c.max_ingress_connections = 2).await;
+    let srv = start_server_with(&ca, routes(TABLE), |c| c.limits.max_ingress_connections = 2).await;
     let port = greeting_service("127.0.0.2".parse().unwrap(), 0, "hello").await;
     let _agent = node_agent(&ca, &srv, "edge-a", "127.0.0.2", &[port]).await;
     let ingress = TcpListener::bind("127.0.0.1:0").await.unwrap();

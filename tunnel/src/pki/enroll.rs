@@ -204,25 +204,20 @@ pub async fn serve(
             x = listener.accept() => x,
         };
         let (ticket, verdict) = admission.admit(peer.ip());
-        match verdict {
-            Verdict::Admitted => {}
-            Verdict::AdmittedEvictingOldest => shared.refused(
-                peer,
-                "evicted_oldest",
-                &format!(
-                    "{} enrollment connections in flight: closed the oldest for this one",
-                    admission.limits().total
-                ),
-            ),
-            Verdict::PerSourceFull => shared.refused(
-                peer,
-                "per_source_full",
-                &format!(
+        if let Some(reason) = verdict.label() {
+            let limits = admission.limits();
+            let why = match verdict {
+                Verdict::PerSourceFull => format!(
                     "{} enrollment connections from {} in flight already: closed at once",
-                    admission.limits().per_source,
+                    limits.per_source,
                     peer.ip()
                 ),
-            ),
+                _ => format!(
+                    "{} enrollment connections in flight: closed the oldest for this one",
+                    limits.total
+                ),
+            };
+            shared.refused(peer, reason, &why);
         }
         let Some(ticket) = ticket else {
             drop(tcp);
@@ -287,7 +282,6 @@ async fn request(
         .peer_certificates()
         .and_then(|c| c.first())
         .cloned();
-    let head_deadline = tokio::time::Instant::now() + limits.head;
     let svc_shared = shared.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let (shared, client_cert, answered) =
@@ -311,7 +305,7 @@ async fn request(
         .timer(TokioTimer::new())
         // The head's deadline runs from the end of the handshake: an idle connection and a
         // head sent a byte at a time end alike.
-        .header_read_timeout(head_deadline - tokio::time::Instant::now())
+        .header_read_timeout(limits.head)
         .max_buf_size(limits.max_head_bytes.max(8192))
         .keep_alive(false)
         .serve_connection(TokioIo::new(tls), svc);
