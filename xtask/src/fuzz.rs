@@ -22,14 +22,15 @@ pub const TARGETS: [(&str, &[&str]); 4] = [
     ("tunnel/agent/fuzz", &["connect_request"]),
 ];
 
-fn cargo_fuzz(dir: &str) -> Command {
+/// `cargo fuzz SUB --fuzz-dir DIR` with the pinned nightly (`SUB` is `build` or `run`).
+fn cargo_fuzz(sub: &str, dir: &str) -> Command {
     let toolchain =
         std::env::var("REDIRECTOR_BPF_TOOLCHAIN").unwrap_or_else(|_| crate::BPF_TOOLCHAIN.into());
     let mut cmd = Command::new("cargo");
     cmd.arg(format!("+{toolchain}"))
         .args([
             "fuzz",
-            "run",
+            sub,
             "--fuzz-dir",
             dir,
             "--target-dir",
@@ -80,7 +81,15 @@ pub fn fuzz(args: &[String]) -> Result<()> {
             let found = format!("target/fuzz-corpus/{target}");
             std::fs::create_dir_all(&found)?;
             std::fs::create_dir_all(&kept)?;
-            let mut cmd = cargo_fuzz(dir);
+            // Built on its own first, so a failed build (a compile error, a full disk) is
+            // reported as one and never mistaken for a crash the fuzzer found.
+            crate::run(cargo_fuzz("build", dir).arg(target)).with_context(|| {
+                format!(
+                    "building fuzz target {target} ({dir}) failed; the compiler's message is above \
+                     (\"No space left on device\": the sanitized builds need about 2 GiB in target/fuzz)"
+                )
+            })?;
+            let mut cmd = cargo_fuzz("run", dir);
             cmd.args([target, found.as_str(), kept.as_str()]);
             // Inputs that once crashed: replayed on every run, never minimized away.
             let regressions = format!("{dir}/regressions/{target}");
@@ -112,7 +121,7 @@ pub fn fuzz(args: &[String]) -> Result<()> {
                 let merged = format!("target/fuzz-merged/{target}");
                 let _ = std::fs::remove_dir_all(&merged);
                 std::fs::create_dir_all(&merged)?;
-                crate::run(cargo_fuzz(dir).args([
+                crate::run(cargo_fuzz("run", dir).args([
                     target,
                     merged.as_str(),
                     kept.as_str(),
