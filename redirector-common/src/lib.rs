@@ -39,6 +39,8 @@ pub struct NodeValue {
     pub flags: u32,
 }
 
+pub mod sockopt;
+
 pub mod node_flags {
     /// Two or more edge nodes share this address. The kernel still redirects (so the tunnel
     /// ingress can refuse it with a clear error naming the nodes); the ingress never routes it.
@@ -143,7 +145,15 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "orig_getpeername4";
     pub const GETPEERNAME6: &str = "orig_getpeername6";
     pub const SOCK_OPS: &str = "publish_sock_ops";
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+    pub const GETSOCKOPT: &str = "orig_getsockopt";
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SOCK_OPS,
+        GETSOCKOPT,
+    ];
 }
 
 /// Default capacities. The node maps are sized at load time from configuration; these are

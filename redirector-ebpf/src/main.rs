@@ -12,6 +12,10 @@
 //!    handshake, so the entry exists before the ingress can accept the connection: no race.
 //!    On close, the cookie entry is dropped.
 //! 3. `orig_getpeername4` / `orig_getpeername6`: the client sees the address it dialled.
+//! 4. `orig_getsockopt` (cgroup/getsockopt): the ingress asks `SO_ORIGINAL_DST` on the accepted
+//!    socket and gets the entry of step 2 (taken: read and deleted), so the internet-facing
+//!    tunnel server needs no capability to read the map. It runs for every getsockopt() in
+//!    the cgroup, so anything else returns at once.
 //!
 //! Kernel quirks that shape the code: `user_ip6` and `local_ip6`/`remote_ip6` may only be
 //! accessed one 32-bit word at a time (the verifier rejects the 64-bit loads LLVM likes to merge
@@ -29,13 +33,15 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirector_common::{
     Config, Ingress, Ip6Words, NodeValue, OrigDst, PortValue, SockTuple, capacity, counter,
-    is_v4_mapped, node_flags, orig_flags, v4_mapped,
+    is_v4_mapped, node_flags, orig_flags,
+    sockopt::{self, Answer4, Answer6},
+    v4_mapped,
 };
 
 /// Edge node IPv4 addresses (network byte order).
@@ -335,6 +341,100 @@ fn client_tuple(ctx: &SockOpsContext) -> Option<SockTuple> {
         client_port: ctx.local_port() as u16,
         // Network-order port in the upper 16 bits (little-endian kernels).
         ingress_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+    })
+}
+
+/// Answers `SO_ORIGINAL_DST` on an accepted ingress socket (see `redirector_common::sockopt`).
+/// getsockopt hooks must return 1; the answer replaces the kernel's error through `retval`.
+#[cgroup_sockopt(getsockopt)]
+pub fn orig_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if optname != sockopt::SO_ORIGINAL_DST
+        || (level != sockopt::SOL_IP && level != sockopt::SOL_IPV6)
+    {
+        return ALLOW;
+    }
+    let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
+    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
+    let optlen = unsafe { (*so).optlen };
+    if level == sockopt::SOL_IP && optlen == sockopt::PROBE_LEN as i32 {
+        if unsafe { optval.add(sockopt::PROBE_LEN) } > end {
+            return ALLOW;
+        }
+        unsafe {
+            write_volatile(optval as *mut u32, sockopt::PROBE_ANSWER);
+            (*so).retval = 0;
+        }
+        return ALLOW;
+    }
+    let Some(key) = ingress_tuple(&ctx) else {
+        return ALLOW;
+    };
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }).copied() else {
+        return ALLOW;
+    };
+    if level == sockopt::SOL_IP {
+        if !is_v4_mapped(&orig.ip) || optlen < 16 || unsafe { optval.add(16) } > end {
+            return ALLOW;
+        }
+        let answer = Answer4 {
+            family: sockopt::AF_INET,
+            port: orig.port.to_be(),
+            addr: orig.ip[3],
+            mark: sockopt::MARK,
+            flags: orig.flags,
+            zero: 0,
+        };
+        unsafe {
+            write_volatile(optval as *mut Answer4, answer);
+            (*so).optlen = 16;
+        }
+    } else {
+        if optlen < 28 || unsafe { optval.add(28) } > end {
+            return ALLOW;
+        }
+        let answer = Answer6 {
+            family: sockopt::AF_INET6,
+            port: orig.port.to_be(),
+            flowinfo: 0,
+            addr: orig.ip,
+            mark: sockopt::MARK,
+            flags: orig.flags,
+        };
+        unsafe {
+            write_volatile(optval as *mut Answer6, answer);
+            (*so).optlen = 28;
+        }
+    }
+    unsafe { (*so).retval = 0 };
+    let _ = ORIG_BY_TUPLE.remove(&key);
+    ALLOW
+}
+
+/// The `ORIG_BY_TUPLE` key of an accepted ingress socket: its peer is the client.
+#[inline(always)]
+fn ingress_tuple(ctx: &SockoptContext) -> Option<SockTuple> {
+    let sk = unsafe { (*ctx.sockopt).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let family = unsafe { (*sk).family };
+    let (client_ip, ingress_ip) = if family == AF_INET {
+        unsafe { (v4_mapped((*sk).dst_ip4), v4_mapped((*sk).src_ip4)) }
+    } else if family == AF_INET6 {
+        (
+            read_ip6(unsafe { addr_of!((*sk).dst_ip6) }),
+            read_ip6(unsafe { addr_of!((*sk).src_ip6) }),
+        )
+    } else {
+        return None;
+    };
+    Some(SockTuple {
+        client_ip,
+        ingress_ip,
+        client_port: u16::from_be(unsafe { read_volatile(addr_of!((*sk).dst_port)) }),
+        ingress_port: unsafe { (*sk).src_port } as u16,
     })
 }
 

@@ -20,7 +20,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, links::FdLink,
+    },
 };
 use redirector_common::{map_names, program_names};
 
@@ -58,7 +60,7 @@ struct ProgSpec {
     min_kernel: &'static str,
 }
 
-const PROGRAMS: [ProgSpec; 5] = [
+const PROGRAMS: [ProgSpec; 6] = [
     ProgSpec {
         name: program_names::CONNECT4,
         hook: "cgroup/connect4",
@@ -82,6 +84,11 @@ const PROGRAMS: [ProgSpec; 5] = [
     ProgSpec {
         name: program_names::SOCK_OPS,
         hook: "sockops",
+        min_kernel: "5.7",
+    },
+    ProgSpec {
+        name: program_names::GETSOCKOPT,
+        hook: "cgroup/getsockopt",
         min_kernel: "5.7",
     },
 ];
@@ -216,6 +223,9 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
         let adopted = if p.name == program_names::SOCK_OPS {
             let prog: &mut SockOps = prog.try_into().map_err(|e| load_error(p, e))?;
             place(p, prog, &link_path, &cgroup_fd)?
+        } else if p.name == program_names::GETSOCKOPT {
+            let prog: &mut CgroupSockopt = prog.try_into().map_err(|e| load_error(p, e))?;
+            place(p, prog, &link_path, &cgroup_fd)?
         } else {
             let prog: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_error(p, e))?;
             place(p, prog, &link_path, &cgroup_fd)?
@@ -230,11 +240,12 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
     Ok(installed)
 }
 
-/// The two program kinds we attach to a cgroup, seen the same way.
+/// The program kinds we attach to a cgroup, seen the same way.
 trait CgroupProgram {
     fn load_prog(&mut self) -> Result<(), ProgramError>;
     fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, ProgramError>;
-    fn attach_fd_link(&mut self, cgroup: &fs::File) -> Result<FdLink, ProgramError>;
+    /// Attaches with a bpf_link and pins it at `path`.
+    fn attach_pinned(&mut self, p: &ProgSpec, cgroup: &fs::File, path: &Path) -> Result<()>;
 }
 
 macro_rules! cgroup_program {
@@ -246,18 +257,51 @@ macro_rules! cgroup_program {
             fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, ProgramError> {
                 Ok(self.fd()?.as_fd())
             }
-            fn attach_fd_link(&mut self, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
+            fn attach_pinned(
+                &mut self,
+                p: &ProgSpec,
+                cgroup: &fs::File,
+                path: &Path,
+            ) -> Result<()> {
                 // bpf_link attachments always coexist with other programs on the cgroup (a
                 // CNI's, for example); the kernel rejects any flag on link_create for cgroups,
                 // and `Single` is the mode aya maps to flags = 0.
-                let id = self.attach(cgroup, CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(self.take_link(id)?)?)
+                let link = (|| -> Result<FdLink, ProgramError> {
+                    let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                    Ok(FdLink::try_from(self.take_link(id)?)?)
+                })()
+                .map_err(|e| load_error(p, e))?;
+                link.pin(path)
+                    .map(drop)
+                    .map_err(|e| Error::ebpf(format!("pinning link {}", path.display()), e))
             }
         }
     };
 }
 cgroup_program!(SockOps);
 cgroup_program!(CgroupSockAddr);
+
+// aya cannot turn a getsockopt link into a pinnable one: link_create and pin it ourselves.
+impl CgroupProgram for CgroupSockopt {
+    fn load_prog(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+    fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, ProgramError> {
+        Ok(self.fd()?.as_fd())
+    }
+    fn attach_pinned(&mut self, p: &ProgSpec, cgroup: &fs::File, path: &Path) -> Result<()> {
+        let prog = self.prog_fd().map_err(|e| load_error(p, e))?;
+        let link = sys::cgroup_link_create(prog, cgroup.as_fd(), sys::BPF_CGROUP_GETSOCKOPT)
+            .map_err(|e| Error::KernelMissingHook {
+                program: p.name,
+                hook: p.hook,
+                min_kernel: p.min_kernel,
+                detail: format!("BPF_LINK_CREATE: {e}"),
+            })?;
+        sys::obj_pin(link.as_fd(), path)
+            .map_err(|e| Error::io(format!("pinning link {}", path.display()), e))
+    }
+}
 
 /// Loads `prog`, then swaps it into the pinned link at `link_path` if there is one (adopted:
 /// true), or attaches it to the cgroup and pins the new link (false).
@@ -283,9 +327,7 @@ fn place(
         })?;
         return Ok(true);
     }
-    let link = prog.attach_fd_link(cgroup).map_err(|e| load_error(p, e))?;
-    link.pin(link_path)
-        .map_err(|e| Error::ebpf(format!("pinning link {}", link_path.display()), e))?;
+    prog.attach_pinned(p, cgroup, link_path)?;
     Ok(false)
 }
 

@@ -25,6 +25,26 @@ impl TestCgroup {
         self.path.join("cgroup.procs")
     }
 
+    /// Runs `f` with this whole process moved into the cgroup, then moves it back: sockets
+    /// `f` creates belong to this cgroup for good (a socket keeps the cgroup it was created
+    /// in), as a server's do when it runs under the attached cgroup. For in-process servers
+    /// of benchmarks.
+    pub fn create_inside<T>(&self, f: impl FnOnce() -> T) -> T {
+        let own = fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup v2 entry in /proc/self/cgroup")
+            .trim_start_matches('/')
+            .to_owned();
+        let mount = redirector::cgroup::cgroup2_mount().expect("cgroup v2 mount");
+        let back = mount.join(own).join("cgroup.procs");
+        fs::write(self.procs_file(), "0").expect("join the test cgroup");
+        let out = f();
+        fs::write(&back, "0").unwrap_or_else(|e| panic!("back to {}: {e}", back.display()));
+        out
+    }
+
     fn remove(path: &PathBuf) {
         // cgroup.kill (5.14+) SIGKILLs every member; then wait for them to leave.
         let _ = fs::write(path.join("cgroup.kill"), "1");

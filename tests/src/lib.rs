@@ -418,6 +418,11 @@ impl LoggedProc {
     pub fn stop(&mut self, signal: i32, within: Duration) -> std::process::ExitStatus {
         // SAFETY: a signal to our own child, which has not been reaped yet.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.wait_exit(within)
+    }
+
+    /// Waits (at most `within`) for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
@@ -425,7 +430,7 @@ impl LoggedProc {
             }
             assert!(
                 Instant::now() < deadline,
-                "still running {within:?} after signal {signal}:\n{}",
+                "still running after {within:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(5));

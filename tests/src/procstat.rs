@@ -35,3 +35,44 @@ impl ProcStats {
         }
     }
 }
+
+/// A process's credentials, from `/proc/PID/status`: real uid and the capability sets (hex
+/// masks as the kernel prints them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub cap_eff: u64,
+    pub cap_prm: u64,
+    pub cap_inh: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+}
+
+impl Credentials {
+    pub fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        let caps = |name: &str| {
+            u64::from_str_radix(field(name), 16).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        Self {
+            uid: field("Uid:")
+                .split_whitespace()
+                .next()
+                .and_then(|u| u.parse().ok())
+                .expect("uid"),
+            cap_eff: caps("CapEff:"),
+            cap_prm: caps("CapPrm:"),
+            cap_inh: caps("CapInh:"),
+            cap_bnd: caps("CapBnd:"),
+            cap_amb: caps("CapAmb:"),
+        }
+    }
+}

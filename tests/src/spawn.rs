@@ -56,3 +56,33 @@ pub fn place(cmd: &mut Command, cgroup: Option<&TestCgroup>, netns: Option<&Netn
         });
     }
 }
+
+/// The unprivileged user a dropped process runs as (`nobody`).
+pub const NOBODY: u32 = 65534;
+
+/// Makes `cmd` run as [`NOBODY`] with no capability at all: the bounding set emptied, no new
+/// privileges, no supplementary groups. Register after [`place`] (joining a cgroup and a
+/// namespace needs root; pre-exec steps run in order).
+pub fn drop_privileges(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe syscalls (prctl, setgroups, setresgid, setresuid).
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in 0..64 {
+                // EINVAL past the kernel's last capability: the rest do not exist.
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    break;
+                }
+            }
+            let ok = libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                && libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(NOBODY, NOBODY, NOBODY) == 0
+                // Leaving uid 0 clears the permitted, effective and ambient sets.
+                && libc::setresuid(NOBODY, NOBODY, NOBODY) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}

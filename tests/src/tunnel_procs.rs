@@ -1,7 +1,7 @@
 //! Starting the real `tunnel` binaries inside a [`World`], for end-to-end tests and benchmarks.
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, process::Command};
 
-use crate::{LoggedProc, World, pki::TestPki};
+use crate::{LoggedProc, World, pki::TestPki, spawn};
 
 /// The name agents verify in the server certificate.
 pub const SERVER_NAME: &str = "tunnel.test";
@@ -38,6 +38,8 @@ pub fn server_args(
         &s(pin_dir),
         "--metrics-listen",
         &metrics_at.to_string(),
+        "--orig-dst",
+        "sockopt",
     ]
     .map(str::to_owned)
     .to_vec()
@@ -110,6 +112,8 @@ impl CaDirServer<'_> {
             &s(&w.pin_dir),
             "--metrics-listen",
             &self.metrics_at.to_string(),
+            "--orig-dst",
+            "sockopt",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -140,9 +144,24 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// `tunnel server` in the master namespace, reading original destinations from the world's
-/// redirector pins; returns once it logged that it is ready. `ingress` is the IPv4 and the
-/// IPv6 host ingress.
+/// `tunnel server ARGS` in the master namespace and in the world's cgroup, as in a pod under
+/// the host cgroup the redirector attaches to: its getsockopt program answers the ingress's
+/// `SO_ORIGINAL_DST` there (`--orig-dst sockopt`, which the argument lists above give).
+pub fn server_command(w: &World, args: &[String]) -> Command {
+    let mut cmd = Command::new(spawn::workspace_bin("tunnel"));
+    cmd.args(args);
+    spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
+    cmd
+}
+
+/// [`server_command`] started, logging as `name`.
+pub fn spawn_server(w: &World, name: &str, args: &[String]) -> LoggedProc {
+    LoggedProc::start(&w.dir, name, server_command(w, args))
+}
+
+/// `tunnel server` in the master namespace, as the unprivileged user with no capability (as
+/// the master DaemonSet runs it); returns once it logged that it is ready. `ingress` is the
+/// IPv4 and the IPv6 host ingress.
 pub fn server(
     w: &World,
     pki: &TestPki,
@@ -159,7 +178,9 @@ pub fn server(
         &w.pin_dir,
     );
     args.extend(["--host-ingress6".to_owned(), ingress.1.to_string()]);
-    let mut p = LoggedProc::spawn(w, "tunnel-server", &w.master, "tunnel", &strs(&args));
+    let mut cmd = server_command(w, &args);
+    spawn::drop_privileges(&mut cmd);
+    let mut p = LoggedProc::start(&w.dir, "tunnel-server", cmd);
     p.wait_log(&["tunnel server ready"]);
     p
 }

@@ -3,11 +3,9 @@
 //! pause instead of spinning (before: 4.4 CPU-seconds in 5 s and millions of log lines), keep
 //! its log to a line or two, count the failures, and serve again once descriptors are free.
 //! Root only.
-use std::{os::unix::process::CommandExt, process::Command, thread, time::Duration};
+use std::{os::unix::process::CommandExt, thread, time::Duration};
 
-use redirector_tests::{
-    LoggedProc, RedirectorProc, World, free_addr, pki::TestPki, spawn, tunnel_procs,
-};
+use redirector_tests::{LoggedProc, RedirectorProc, World, free_addr, pki::TestPki, tunnel_procs};
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -43,9 +41,7 @@ fn an_emfile_flood_pauses_the_accept_loop_instead_of_spinning_and_logs_a_line_or
         &w.node_table,
         &w.pin_dir,
     );
-    let mut cmd = Command::new(spawn::workspace_bin("tunnel"));
-    cmd.args(&args);
-    spawn::place(&mut cmd, None, Some(&w.master));
+    let mut cmd = tunnel_procs::server_command(&w, &args);
     // SAFETY: setrlimit is async-signal-safe; the hard limit too, so the server cannot lift it.
     unsafe {
         cmd.pre_exec(|| {

@@ -304,3 +304,69 @@ fn api_tokens_only_where_the_api_is_used() {
         ])
     );
 }
+
+/// Least privilege: only the redirector (it loads eBPF programs) is privileged. Every other
+/// container, the internet-facing tunnel server and agent included, runs as a non-root user
+/// with every capability dropped, none added, and a read-only root filesystem; the tunnel
+/// server mounts no bpffs (it asks the kernel for original destinations, `--orig-dst=sockopt`).
+#[test]
+fn only_the_redirector_holds_privileges() {
+    let docs = documents(&manifests());
+    let mut seen = BTreeSet::new();
+    for ds in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
+        let spec = &ds["spec"]["template"]["spec"];
+        let all = spec["containers"].as_array().unwrap().iter();
+        for c in all.chain(spec["initContainers"].as_array().into_iter().flatten()) {
+            let name = c["name"].as_str().unwrap().to_owned();
+            if name == "redirector" {
+                continue;
+            }
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], true, "{name}");
+            assert!(sc["runAsUser"].as_u64().is_some_and(|u| u != 0), "{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{name}"
+            );
+            assert!(
+                sc["capabilities"]["add"].is_null(),
+                "{name} adds capabilities"
+            );
+            assert!(sc["privileged"] != true, "{name}");
+            seen.insert(name);
+        }
+    }
+    assert!(
+        seen.contains("tunnel-server") && seen.contains("agent"),
+        "{seen:?}"
+    );
+    let master = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "edge-redirector-master")
+        .unwrap();
+    let server = master["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tunnel-server")
+        .unwrap();
+    assert!(
+        !server["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "bpffs"),
+        "the tunnel server needs no bpffs"
+    );
+    assert!(
+        server["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--orig-dst=sockopt"),
+        "{server}"
+    );
+}

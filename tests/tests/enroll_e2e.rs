@@ -34,8 +34,7 @@ fn an_agent_enrolled_with_a_token_serves_its_node_through_the_real_binaries() {
         metrics_at,
     }
     .args(&w);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = LoggedProc::spawn(&w, "tunnel-server", &w.master, "tunnel", &args);
+    let mut server = tunnel_procs::spawn_server(&w, "tunnel-server", &args);
     server.wait_log(&["tunnel server ready"]);
     let token = |node: &str| tunnel_procs::token_create("tokens", &tokens, node);
     let t = token("edge-a");

@@ -178,11 +178,10 @@ fn node_table_edits_apply_without_restart_and_bad_edits_keep_the_last_good_table
         "edge 198.51.100.99:10250"
     );
 
-    std::fs::write(
-        &w.node_table,
-        format!("{}edge-d 198.51.100.99\n", redirector_tests::NODE_TABLE),
-    )
-    .unwrap();
+    replace_node_table(
+        &w,
+        &format!("{}edge-d 198.51.100.99\n", redirector_tests::NODE_TABLE),
+    );
     wait_for(
         || r.log().matches("node table applied").count() >= 2,
         "reload after edit",
@@ -192,7 +191,7 @@ fn node_table_edits_apply_without_restart_and_bad_edits_keep_the_last_good_table
         ingress_label(target, false)
     );
 
-    std::fs::write(&w.node_table, "edge-a 198.51.100.10\nedge-b not-an-ip\n").unwrap();
+    replace_node_table(&w, "edge-a 198.51.100.10\nedge-b not-an-ip\n");
     wait_for(
         || r.log().contains("node table not applied"),
         "rejection of the bad edit",
@@ -207,6 +206,14 @@ fn node_table_edits_apply_without_restart_and_bad_edits_keep_the_last_good_table
         ingress_label(target, false),
         "last good table kept"
     );
+}
+
+/// Replaces the node table whole (written beside, then renamed), as sync-nodes does: a write
+/// in place can be read half done, and a truncated table is often a valid one.
+fn replace_node_table(w: &World, content: &str) {
+    let staged = w.dir.join("nodes.txt.new");
+    std::fs::write(&staged, content).unwrap();
+    std::fs::rename(&staged, &w.node_table).unwrap();
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
@@ -274,7 +281,7 @@ fn sigkill_during_a_connect_loop_lets_nothing_escape_and_the_restart_adopts_the_
         w.edge_log.all()
     );
 
-    assert!(second.log().contains("adopted=[\"redirect_connect4\", \"redirect_connect6\", \"orig_getpeername4\", \"orig_getpeername6\", \"publish_sock_ops\"]"), "{}", second.log());
+    assert!(second.log().contains("adopted=[\"redirect_connect4\", \"redirect_connect6\", \"orig_getpeername4\", \"orig_getpeername6\", \"publish_sock_ops\", \"orig_getsockopt\"]"), "{}", second.log());
     let after = status_json(&w);
     assert_eq!(
         ids(&before, "link_id"),
@@ -294,7 +301,7 @@ fn uninstall_removes_every_program_link_and_pin_even_while_run_is_alive() {
     let _running = w.start_redirector(&[]);
     let st = status_json(&w);
     let (links, progs) = (ids(&st, "link_id"), ids(&st, "program_id"));
-    assert_eq!(links.len(), 5);
+    assert_eq!(links.len(), 6);
 
     let out = w.cli(&["uninstall"]);
     assert!(
@@ -303,7 +310,7 @@ fn uninstall_removes_every_program_link_and_pin_even_while_run_is_alive() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("detached 5 links"),
+        String::from_utf8_lossy(&out.stdout).contains("detached 6 links"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -506,4 +513,35 @@ fn metrics_health_and_readiness_are_served_from_the_pinned_maps() {
             .any(|l| l.starts_with("redirector_passed_total ") && l != "redirector_passed_total 0"),
         "{m}"
     );
+}
+
+/// An upgrade from a version without the getsockopt program: its five pinned links are
+/// adopted in place (no gap) and the new program is attached beside them.
+#[test]
+fn a_restart_over_pins_without_the_getsockopt_program_attaches_it_and_adopts_the_rest() {
+    let w = World::new();
+    let mut first = w.start_redirector(&[]);
+    first.sigkill();
+    // What a previous version left: no link and no program pin for orig_getsockopt.
+    // Unpinning the link detaches it (nothing else holds it).
+    for dir in ["links", "programs"] {
+        std::fs::remove_file(w.pin_dir.join(dir).join("orig_getsockopt")).unwrap();
+    }
+    let attached = |st: &serde_json::Value| {
+        st["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["link_id"].is_u64())
+            .count()
+    };
+    assert_eq!(attached(&status_json(&w)), 5);
+    let second = w.start_redirector(&[]);
+    let log = second.log();
+    assert!(
+        log.contains("attached=[\"orig_getsockopt\"]")
+            && log.contains("adopted=[\"redirect_connect4\", \"redirect_connect6\", \"orig_getpeername4\", \"orig_getpeername6\", \"publish_sock_ops\"]"),
+        "{log}"
+    );
+    assert_eq!(attached(&status_json(&w)), 6);
 }

@@ -97,7 +97,7 @@ impl Fleet {
         }
         .args(&w);
         server_args.extend(["--host-ingress6".to_owned(), ingress6.to_string()]);
-        let mut server = spawn(&w, "tunnel-server", &w.master, "tunnel", &server_args);
+        let mut server = tunnel_procs::spawn_server(&w, "tunnel-server", &server_args);
         server.wait_log(&["tunnel server ready"]);
         let token = |node: &str| tunnel_procs::token_create("ca-dir", &ca_dir, node);
         // A token not used yet must outlive every restart too.
@@ -202,13 +202,8 @@ impl Fleet {
             "tunnel server" => {
                 self.server.stop(signal, within);
                 self.sessions_before = self.sessions_up();
-                self.server = spawn(
-                    &self.w,
-                    "tunnel-server",
-                    &self.w.master,
-                    "tunnel",
-                    &self.server_args,
-                );
+                self.server =
+                    tunnel_procs::spawn_server(&self.w, "tunnel-server", &self.server_args);
                 self.server.wait_log(&["agent session up", "node=edge-a"]);
             }
             "tunnel-agent" => {

@@ -2,7 +2,9 @@
 //! redirector sends it to the tunnel server's ingress, the server maps the original destination
 //! to the node ID and opens a stream on that node's agent session (mutual TLS), and the agent
 //! dials its own node. Root only.
-use redirector_tests::{World, pki::TestPki, replies, tunnel_procs};
+use redirector_tests::{
+    World, pki::TestPki, procstat::Credentials, replies, spawn::NOBODY, tunnel_procs,
+};
 
 #[test]
 fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() {
@@ -74,6 +76,22 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
         st.server
             .log()
             .contains("node edge-c has no agent session; refused"),
+        "{}",
+        st.server.log()
+    );
+    // All of this with a server that holds nothing: not root, no capability in any set, so
+    // no bpf() call could have succeeded; the kernel answered SO_ORIGINAL_DST.
+    let creds = Credentials::of(st.server.child.id());
+    assert_eq!(
+        creds,
+        Credentials {
+            uid: NOBODY,
+            ..Default::default()
+        },
+        "the tunnel server runs unprivileged"
+    );
+    assert!(
+        st.server.log().contains("getsockopt(SO_ORIGINAL_DST)"),
         "{}",
         st.server.log()
     );

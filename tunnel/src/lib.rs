@@ -3,7 +3,7 @@
 //! the server's code reads as one.
 //!
 //! Data path: a redirected connection arrives at the server's ingress; its original
-//! destination (from the redirector's map) carries the kernel's verdict, and maps to a node ID
+//! destination (asked of the kernel, [`orig_dst`]) carries the kernel's verdict, and maps to a node ID
 //! through the routes of the node table snapshot the one follower hands out; the server opens
 //! one HTTP/2 CONNECT stream on that node's session; the agent dials its own node on the
 //! allow-listed port and relays.
@@ -17,6 +17,7 @@
 //! signer), [`metrics`].
 pub mod admission;
 pub mod metrics;
+pub mod orig_dst;
 pub mod pki;
 pub mod run;
 pub mod server;

@@ -1,7 +1,7 @@
 //! The whole tunnel server, from settings and bound listeners to a drained stop: PKI (operator
 //! files, a CA directory, or a CA Secret mirrored into one), live TLS reloads, the node-table
 //! follower, agent sessions, the ingresses, the enrollment endpoint and the CSR signer.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc, time::Duration};
 
 use edge_model::{OriginalDst, follow::Follower};
 use tokio::net::TcpListener;
@@ -69,9 +69,10 @@ pub struct Listeners {
     pub enroll: Option<TcpListener>,
 }
 
-/// The original destination of an accepted connection from its two ends (client, ingress):
-/// the redirector's map, or a test's stand-in.
-pub type OrigDstLookup = Arc<dyn Fn(SocketAddr, SocketAddr) -> Option<OriginalDst> + Send + Sync>;
+/// The original destination of an accepted connection, from its socket and its two ends
+/// (client, ingress): the redirector's getsockopt program or map, or a test's stand-in.
+pub type OrigDstLookup =
+    Arc<dyn Fn(BorrowedFd<'_>, SocketAddr, SocketAddr) -> Option<OriginalDst> + Send + Sync>;
 
 /// How often certificate files are checked for changes.
 const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -107,7 +108,7 @@ pub async fn run(
     }
     for l in listeners.ingress {
         let (srv, o, t) = (server.clone(), orig_dst.clone(), shutdown.clone());
-        tokio::spawn(async move { srv.serve_ingress(l, move |p, l| o(p, l), t).await });
+        tokio::spawn(async move { srv.serve_ingress(l, move |s, p, l| o(s, p, l), t).await });
     }
     keep_current(agents_tls, &pki, ServerPki::agents_config, &shutdown);
     if let Some(l) = listeners.enroll {

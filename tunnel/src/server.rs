@@ -432,8 +432,8 @@ impl Server {
         r
     }
 
-    /// Accepts redirected connections until `shutdown`; `lookup(client, ingress)` gives each
-    /// one's original destination from its two ends (the redirector's `OrigDstTable`, or a
+    /// Accepts redirected connections until `shutdown`; `lookup(socket, client, ingress)` gives
+    /// each one's original destination (getsockopt, the redirector's `OrigDstTable`, or a
     /// test's stand-in).
     pub async fn serve_ingress<F>(
         &self,
@@ -441,7 +441,10 @@ impl Server {
         lookup: F,
         shutdown: CancellationToken,
     ) where
-        F: Fn(SocketAddr, SocketAddr) -> Option<OriginalDst> + Send + Sync + 'static,
+        F: Fn(std::os::fd::BorrowedFd<'_>, SocketAddr, SocketAddr) -> Option<OriginalDst>
+            + Send
+            + Sync
+            + 'static,
     {
         // Accepted connections inherit TCP_NODELAY: one system call per listener, not per
         // connection (the relay writes whole messages and must not wait for ACKs).
@@ -462,7 +465,7 @@ impl Server {
             };
             // Looked up on the accept path, before the next accept (entries are per 4-tuple).
             let orig = match bound.or_else(|| tcp.local_addr().ok()) {
-                Some(local) => lookup(peer, local),
+                Some(local) => lookup(std::os::fd::AsFd::as_fd(&tcp), peer, local),
                 None => None,
             };
             let held = self.0.ingress_held.fetch_add(1, Ordering::Relaxed);

@@ -90,7 +90,7 @@ async fn the_ingress_resets_connections_past_its_limit_and_takes_them_again_afte
     tokio::spawn(async move {
         s.serve_ingress(
             ingress,
-            move |_, _| {
+            move |_, _, _| {
                 Some(OriginalDst {
                     addr: orig,
                     from_pod: false,

@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector_tests::{LoggedProc, spawn::workspace_bin, tunnel_procs};
+use redirector_tests::{
+    LoggedProc,
+    spawn::{self, workspace_bin},
+    tunnel_procs,
+};
 
 use redirector::node_table::NodeTable;
 
@@ -189,7 +193,11 @@ pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
         &w.node_table,
         &w.pin_dir,
     );
-    let cmd = w.master_plain(&s(&workspace_bin("tunnel")), &strs(&args));
+    // In the cgroup the programs are attached to, as the server's pod is under the host's
+    // cgroup root: the getsockopt program answers its ingress there.
+    let mut cmd = Command::new(workspace_bin("tunnel"));
+    cmd.args(&args);
+    spawn::place(&mut cmd, Some(&w.cgroup), Some(&w.master));
     let mut server = LoggedProc::start(&w.dir, "tunnel-server", cmd);
     wait_until(&mut server, "tunnel server", |l| {
         l.contains("tunnel server ready")

@@ -1,6 +1,7 @@
 //! `tunnel server` (on every master) and the PKI commands (`tunnel token create`,
 //! `tunnel ca ...`). The edge agent is its own binary, `tunnel-agent`. This file only parses
 //! flags.
+mod orig_source;
 mod pki_cmd;
 mod server_cmd;
 

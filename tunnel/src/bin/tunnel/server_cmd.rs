@@ -1,7 +1,6 @@
 //! `tunnel server`: flags -> [`tunnel::run::Settings`] and bound listeners.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use redirector::OrigDstTable;
 use tokio_util::sync::CancellationToken;
 use tunnel::{
     admission::{AdmissionLimits, Limits},
@@ -9,7 +8,10 @@ use tunnel::{
 };
 use tunnel_proto::cli::Common;
 
-use crate::bind;
+use crate::{
+    bind,
+    orig_source::{self, OrigDstFrom},
+};
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
@@ -68,9 +70,18 @@ pub struct ServerArgs {
     /// SIGHUP, and checked again before a redirected address is refused as unknown).
     #[arg(long, env = "TUNNEL_NODE_TABLE")]
     node_table: PathBuf,
-    /// The redirector's pin directory (original destinations are read from its maps).
+    /// The redirector's pin directory (for --orig-dst map).
     #[arg(long, env = "REDIRECTOR_PIN_DIR", default_value = edge_model::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// How the ingress learns where a redirected connection was going: `sockopt` asks the
+    /// kernel (the redirector's getsockopt program answers; no capability needed), `map` reads
+    /// the redirector's pinned map (CAP_BPF), `auto` the first that works.
+    #[arg(long, env = "TUNNEL_ORIG_DST", value_enum, default_value = "auto")]
+    orig_dst: OrigDstFrom,
+    /// Seconds to wait at start for the redirector's programs (or maps) before giving up: the
+    /// two start together in the pod.
+    #[arg(long, env = "TUNNEL_WAIT_FOR_REDIRECTOR", default_value = "30", value_parser = edge_cli::seconds::non_negative)]
+    wait_for_redirector: Duration,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -170,10 +181,6 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         drain_deadline: DRAIN_DEADLINE,
         limits: a.limits.limits()?,
     };
-    let orig = Arc::new(
-        OrigDstTable::open(&a.pin_dir)
-            .map_err(|e| format!("{e} (start the redirector first, with the same --pin-dir)"))?,
-    );
     let metrics_at = a
         .common
         .metrics_listen
@@ -198,14 +205,14 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         },
     };
     tracing::info!(agent_listen = %a.agent_listen, host_ingress = %a.host_ingress, pod_ingress = ?a.pod_ingress, host_ingress6 = ?a.host_ingress6, pod_ingress6 = ?a.pod_ingress6, metrics = %metrics_at, enroll = ?a.enroll_listen, "listening");
-    let lookup = move |peer, local| match orig.take(peer, local) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!("original destination lookup failed: {e}");
-            None
-        }
-    };
-    serve(listeners, settings, Arc::new(lookup), stop)
+    let lookup = orig_source::open(
+        a.orig_dst,
+        &listeners.ingress,
+        &a.pin_dir,
+        a.wait_for_redirector,
+    )
+    .await?;
+    serve(listeners, settings, lookup, stop)
         .await
         .map_err(|e| e.to_string())
 }
