@@ -232,7 +232,8 @@ impl Server {
                 let limits = self.0.agents_admission.limits();
                 self.admission_refused(reason, peer, || match verdict {
                     Verdict::PerSourceFull => format!("{} agent connections from {} already in their TLS handshake (--max-handshakes-per-source): closed at once", limits.per_source, peer.ip()),
-                    _ => format!("{} agent connections in their TLS handshake (--max-handshakes): closed the oldest for this one", limits.total),
+                    Verdict::TotalFull => format!("{} agent connections in their TLS handshake, none for {:?} yet (--max-handshakes, --evict-handshakes-after): closed this one, it retries", limits.total, limits.evict_after),
+                    _ => format!("{} agent connections in their TLS handshake (--max-handshakes): closed the oldest, stale for {:?}, for this one", limits.total, limits.evict_after),
                 });
             }
             let Some(ticket) = ticket else {

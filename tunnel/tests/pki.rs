@@ -151,6 +151,7 @@ impl Cluster {
             keepalive: Default::default(),
             drain_timeout: Duration::from_secs(30),
             trimmer: None,
+            source: None,
         }
     }
 }

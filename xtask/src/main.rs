@@ -26,7 +26,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (release build): `redirect`, `tunnel`, `nodes` or `agent`.
+    /// Run a benchmark (release build): `redirect`, `tunnel`, `nodes`, `agent` or `fleet`.
     Bench {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -229,8 +229,11 @@ fn main() -> Result<()> {
                 "tunnel" => "bench-tunnel",
                 "agent" => "bench-agent",
                 "nodes" => "bench-nodes",
+                "fleet" => "bench-fleet",
                 other => {
-                    bail!("unknown benchmark {other:?}; known: redirect, tunnel, nodes, agent")
+                    bail!(
+                        "unknown benchmark {other:?}; known: redirect, tunnel, nodes, agent, fleet"
+                    )
                 }
             };
             run(cargo().args(["build", "--release", "--bins"]))?;

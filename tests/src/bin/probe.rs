@@ -11,6 +11,9 @@
 //! succeeds (before the kernel redirects T, it is unreachable from here), then reads what the
 //! server answers; prints `{"connected", "attempts", "reply" or "error"}`.
 //!
+//! `probe timed T...`: one target after another, each connect + token line + reply line +
+//! close timed; prints `{"us": [...], "replies": [...]}` in target order (failures reply "").
+//!
 //! `probe loop T --duration-ms D --max N --pause-ms P`: connects, exchanges and closes one
 //! connection after another (P ms apart) until D ms or N connections; prints a JSON summary
 //! with a count per label and the longest time between two answers (`max_gap_ms`).
@@ -45,6 +48,9 @@ enum Cmd {
     HalfClose {
         target: SocketAddr,
         text: String,
+    },
+    Timed {
+        targets: Vec<SocketAddr>,
     },
     FirstRedirected {
         target: SocketAddr,
@@ -157,6 +163,19 @@ fn run_loop(
         "elapsed_ms": start.elapsed().as_millis() as u64, "max_gap_ms": max_gap.as_millis() as u64})
 }
 
+fn timed(targets: Vec<SocketAddr>) -> serde_json::Value {
+    let (mut us, mut replies) = (Vec::new(), Vec::new());
+    for (i, t) in targets.iter().enumerate() {
+        let started = Instant::now();
+        let reply = open(*t)
+            .and_then(|(s, _, _)| exchange(&s, &format!("t{i}")))
+            .unwrap_or_default();
+        us.push(started.elapsed().as_micros() as u64);
+        replies.push(reply);
+    }
+    json!({"us": us, "replies": replies})
+}
+
 fn half_close(target: SocketAddr, text: &str) -> serde_json::Value {
     use std::io::Read;
     let r = open(target).and_then(|(mut s, _, _)| {
@@ -229,6 +248,7 @@ fn main() {
         ),
         Cmd::Hold { target } => hold(target),
         Cmd::HalfClose { target, text } => half_close(target, &text),
+        Cmd::Timed { targets } => timed(targets),
         Cmd::FirstRedirected { target, within_ms } => {
             first_redirected(target, Duration::from_millis(within_ms))
         }

@@ -60,6 +60,9 @@ struct Sample {
     #[serde(flatten)]
     stats: ProcStats,
     tasks: u64,
+    /// The allocator's view (`process_heap_bytes`): handed out, and kept free.
+    heap_in_use_kib: u64,
+    heap_free_kib: u64,
 }
 
 struct Agent {
@@ -68,19 +71,22 @@ struct Agent {
     metrics_at: SocketAddr,
 }
 
-fn tasks(netns: &Netns, at: SocketAddr) -> u64 {
-    let body = tunnel_procs::http_get_in(netns, at, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix("runtime_tasks_alive "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn sample(pid: u32, netns: &Netns, at: SocketAddr) -> Sample {
+    // Before the scrape: its connection may still be closing (lingering) in the process.
+    let stats = ProcStats::of(pid);
+    let body = tunnel_procs::http_get_in(netns, at, "/metrics");
+    let value = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
     Sample {
         pid,
-        stats: ProcStats::of(pid),
-        tasks: tasks(netns, at),
+        stats,
+        tasks: value("runtime_tasks_alive "),
+        heap_in_use_kib: value("process_heap_bytes{state=\"in_use\"} ") / 1024,
+        heap_free_kib: value("process_heap_bytes{state=\"free\"} ") / 1024,
     }
 }
 
@@ -247,8 +253,13 @@ fn main() -> Result<()> {
             procs
                 .iter()
                 .map(|(n, s)| format!(
-                    "{n}: {} KiB ({} anonymous) {} fds {} tasks",
-                    s.stats.rss_kib, s.stats.rss_anon_kib, s.stats.fds, s.tasks
+                    "{n}: {} KiB ({} anonymous, heap {} in use {} free) {} fds {} tasks",
+                    s.stats.rss_kib,
+                    s.stats.rss_anon_kib,
+                    s.heap_in_use_kib,
+                    s.heap_free_kib,
+                    s.stats.fds,
+                    s.tasks
                 ))
                 .collect::<Vec<_>>()
                 .join("; ")
@@ -274,7 +285,7 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64() / 60.0
     );
     println!(
-        "| process | anonymous RSS after cycle 1 -> end | growth | whole RSS | fds | tasks | threads |\n|---|---|---|---|---|---|---|"
+        "| process | anonymous RSS after cycle 1 -> end | growth | whole RSS | heap in use | heap free | fds | tasks | threads |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (name, s0) in first.as_object().unwrap() {
         let s1 = &last[name];
@@ -284,12 +295,17 @@ fn main() -> Result<()> {
         // The target is on the anonymous part: heap and stacks, what a leak grows.
         let growth = pct("rss_anon_kib");
         println!(
-            "| {name} | {} -> {} KiB | {growth:+.1}% | {} -> {} KiB ({:+.1}%) | {} -> {} | {} -> {} | {} -> {} |",
+            "| {name} | {} -> {} KiB | {growth:+.1}% | {} -> {} KiB ({:+.1}%) | {} -> {} KiB ({:+.1}%) | {} -> {} KiB | {} -> {} | {} -> {} | {} -> {} |",
             get(s0, "rss_anon_kib"),
             get(s1, "rss_anon_kib"),
             get(s0, "rss_kib"),
             get(s1, "rss_kib"),
             pct("rss_kib"),
+            get(s0, "heap_in_use_kib"),
+            get(s1, "heap_in_use_kib"),
+            pct("heap_in_use_kib"),
+            get(s0, "heap_free_kib"),
+            get(s1, "heap_free_kib"),
             get(s0, "fds"),
             get(s1, "fds"),
             get(s0, "tasks"),
@@ -311,7 +327,7 @@ fn main() -> Result<()> {
         }
         summary.insert(
             name.clone(),
-            json!({"after_first_cycle": s0, "end": s1, "rss_anon_growth_pct": growth, "rss_growth_pct": pct("rss_kib"), "long_lived": long_lived}),
+            json!({"after_first_cycle": s0, "end": s1, "rss_anon_growth_pct": growth, "rss_growth_pct": pct("rss_kib"), "heap_in_use_growth_pct": pct("heap_in_use_kib"), "long_lived": long_lived}),
         );
     }
     if total_bad > 0 {

@@ -155,6 +155,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
         keepalive: s.keepalive,
         drain_timeout: s.drain_timeout,
         trimmer: Some(edge_cli::memory::Trimmer::spawn(shutdown.clone())),
+        source: None,
     };
     session::run(cfg, metrics, shutdown).await;
     Ok(())

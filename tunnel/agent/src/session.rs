@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Told when the last open stream closes (memory goes back to the kernel then).
     pub trimmer: Option<edge_cli::memory::Trimmer>,
+    /// The local address sessions leave from (`None`: the kernel's choice). A multi-homed
+    /// node picks its uplink; the fleet simulator gives agents the sources real ones have.
+    pub source: Option<IpAddr>,
 }
 
 /// After new sessions are up, how long the old ones keep taking new streams: the servers
@@ -235,6 +238,22 @@ async fn keep_session(
     }
 }
 
+async fn connect(server: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(server).await;
+    };
+    let to: SocketAddr = server
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let sock = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(source, 0))?;
+    sock.connect(to).await
+}
+
 async fn session(
     cfg: &Arc<AgentConfig>,
     server: &str,
@@ -242,7 +261,7 @@ async fn session(
     shutdown: &CancellationToken,
     up: &AtomicBool,
 ) -> Result<()> {
-    let tcp = TcpStream::connect(server)
+    let tcp = connect(server, cfg.source)
         .await
         .map_err(|e| Error::io(format!("connecting to server {server}"), e))?;
     let _ = tcp.set_nodelay(true);

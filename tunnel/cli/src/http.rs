@@ -9,7 +9,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves `/metrics` (the daemon's `registry` plus `runtime_tasks_alive`), `/healthz` and
+/// Serves `/metrics` (the daemon's `registry` plus `runtime_tasks_alive` and
+/// `process_heap_bytes`), `/healthz` and
 /// `/readyz` until `shutdown`. `ready` decides readiness.
 pub async fn serve(
     listener: TcpListener,
@@ -18,6 +19,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     registry.register_collector(Box::new(crate::runtime_tasks::RuntimeTasks));
+    registry.register_collector(Box::new(crate::heap::Heap));
     let registry = Arc::new(registry);
     // Not counted: this endpoint's own registry is already built; the log says it.
     let mut listener =

@@ -212,6 +212,10 @@ pub async fn serve(
                     limits.per_source,
                     peer.ip()
                 ),
+                Verdict::TotalFull => format!(
+                    "{} enrollment connections in flight, none for {:?} yet: closed this one",
+                    limits.total, limits.evict_after
+                ),
                 _ => format!(
                     "{} enrollment connections in flight: closed the oldest for this one",
                     limits.total

@@ -190,6 +190,7 @@ pub fn agent_config(
         keepalive: Default::default(),
         drain_timeout: Duration::from_secs(30),
         trimmer: None,
+        source: None,
     }
 }
 

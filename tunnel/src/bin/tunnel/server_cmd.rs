@@ -109,6 +109,10 @@ pub struct LimitArgs {
     /// Live sessions of one node identity; a newer one closes the oldest once its streams end.
     #[arg(long, env = "TUNNEL_MAX_SESSIONS_PER_NODE", default_value_t = Limits::default().max_sessions_per_node)]
     max_sessions_per_node: usize,
+    /// With every handshake slot taken, the oldest is closed for a newcomer only after this
+    /// many seconds in its handshake (younger ones are left to finish; the newcomer retries).
+    #[arg(long, env = "TUNNEL_EVICT_HANDSHAKES_AFTER", default_value = "2", value_parser = edge_cli::seconds::non_negative)]
+    evict_handshakes_after: Duration,
     /// Redirected connections the ingresses hold at once; past it, new ones are reset.
     #[arg(long, env = "TUNNEL_MAX_INGRESS_CONNECTIONS", default_value_t = Limits::default().max_ingress_connections)]
     max_ingress_connections: usize,
@@ -139,10 +143,12 @@ impl LimitArgs {
             agents: AdmissionLimits {
                 total: self.max_handshakes,
                 per_source: self.max_handshakes_per_source,
+                evict_after: self.evict_handshakes_after,
             },
             enrollment: AdmissionLimits {
                 total: self.max_enroll_connections,
                 per_source: self.max_enroll_connections_per_source,
+                evict_after: self.evict_handshakes_after,
             },
             max_sessions_per_node: self.max_sessions_per_node,
             max_ingress_connections: self.max_ingress_connections,
