@@ -32,6 +32,9 @@ use crate::{
 pub use edge_model::routes::{Route, Routes};
 pub use tunnel_proto::wire::{NODE_HEADER, Refusal};
 
+/// Session up/down lines logged one by one per 10 s (each kind) before they are counted.
+const SESSION_LINES_PER_WINDOW: u64 = 20;
+
 #[derive(Clone)]
 pub struct ServerConfig {
     /// Replaceable: a renewed server certificate or CA bundle applies to new sessions.
@@ -87,6 +90,8 @@ struct Inner {
     /// Every accepted redirected connection's task: what a stop drains.
     connections: TaskTracker,
     refused_warn: Mutex<edge_cli::warn_every::WarnKinds>,
+    /// Session up/down lines: each one while they are few, counted in a storm.
+    session_log: Mutex<edge_cli::warn_every::WarnKinds>,
     agents_admission: Admission,
     /// Redirected connections held now (against `limits.max_ingress_connections`).
     ingress_held: Arc<std::sync::atomic::AtomicUsize>,
@@ -131,6 +136,10 @@ impl Server {
             refused_warn: Mutex::new(edge_cli::warn_every::WarnKinds::new(Duration::from_secs(
                 10,
             ))),
+            session_log: Mutex::new(edge_cli::warn_every::WarnKinds::with_burst(
+                Duration::from_secs(10),
+                SESSION_LINES_PER_WINDOW,
+            )),
             agents_admission: Admission::new(cfg.limits.agents),
             ingress_held: Default::default(),
             cfg,
@@ -261,6 +270,17 @@ impl Server {
         }
     }
 
+    /// A session event of `kind` (up, down): logged one by one up to
+    /// [`SESSION_LINES_PER_WINDOW`] per 10 s, then counted into the next line, so a reconnect
+    /// storm of 10,000 agents logs a few dozen lines, not 20,000.
+    fn log_session(&self, kind: &str, emit: impl FnOnce(&str)) {
+        self.0
+            .session_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .warn(kind, emit);
+    }
+
     /// A warning of `kind` that outsiders can trigger at will: the first in full, then one line
     /// per 10 s saying how many more (the counters keep the exact numbers).
     fn warn_aggregated(&self, kind: &str, emit: impl FnOnce(&str)) {
@@ -383,7 +403,10 @@ impl Server {
             self.0.stats.sessions.set(sessions.len() as i64);
         }
         self.0.stats.sessions_accepted.inc();
-        tracing::info!(node = %node, %peer, session = id, "agent session up");
+        self.log_session(
+            "up",
+            |more| tracing::info!(node = %node, %peer, session = id, "agent session up{more}"),
+        );
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
         let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
         let ka = crate::keepalive::run(
@@ -424,12 +447,12 @@ impl Server {
         }
         self.0.stats.sessions.set(sessions.len() as i64);
         drop(sessions);
-        match remaining {
+        self.log_session("down", |more| match remaining {
             Some((next, at)) => {
-                tracing::info!(node = %node, session = id, next_session = next, next_peer = %at, "agent session down; the node's other session takes its new streams")
+                tracing::info!(node = %node, session = id, next_session = next, next_peer = %at, "agent session down{more}; the node's other session takes its new streams")
             }
-            None => tracing::info!(node = %node, session = id, "agent session down"),
-        }
+            None => tracing::info!(node = %node, session = id, "agent session down{more}"),
+        });
         r
     }
 

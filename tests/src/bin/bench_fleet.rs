@@ -349,7 +349,23 @@ fn main() -> Result<()> {
     eprintln!("bench-fleet: storm {storm}");
 
     let refused = admission_refusals(&w, st.metrics_at);
-    let log_lines = st.server.log().lines().count();
+    let log = st.server.log();
+    let log_lines = log.lines().count();
+    // What the storm's lines say, most frequent first (fields and numbers stripped).
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in log.lines() {
+        let text: String = l
+            .split_whitespace()
+            .filter(|w| !w.contains('=') && !w.chars().any(|c| c.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        *kinds.entry(text).or_default() += 1;
+    }
+    let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    for (text, count) in kinds.iter().take(5) {
+        eprintln!("bench-fleet: storm log: {count} x {text:?}");
+    }
     // 100 nodes picked across the fleet, each dialled through the redirector: the answer must
     // come from that node's own agent (the address only it dials).
     let picks: Vec<usize> = (0..100).map(|k| k * n / 100).collect();

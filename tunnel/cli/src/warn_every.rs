@@ -5,15 +5,26 @@ use std::time::{Duration, Instant};
 
 pub struct WarnEvery {
     window: Duration,
+    /// Lines logged in full per window.
+    burst: u64,
     started: Option<Instant>,
+    logged: u64,
     suppressed: u64,
 }
 
 impl WarnEvery {
     pub fn new(window: Duration) -> Self {
+        Self::with_burst(window, 1)
+    }
+
+    /// The first `burst` of a window in full (events an operator follows one by one while
+    /// they are few, such as agent sessions coming and going), then counted.
+    pub fn with_burst(window: Duration, burst: u64) -> Self {
         WarnEvery {
             window,
+            burst: burst.max(1),
             started: None,
+            logged: 0,
             suppressed: 0,
         }
     }
@@ -23,13 +34,21 @@ impl WarnEvery {
     pub fn warn(&mut self, emit: impl FnOnce(&str)) {
         let now = Instant::now();
         match self.started {
-            Some(t) if now.duration_since(t) < self.window => self.suppressed += 1,
+            Some(t) if now.duration_since(t) < self.window => {
+                if self.logged < self.burst {
+                    self.logged += 1;
+                    emit("");
+                } else {
+                    self.suppressed += 1;
+                }
+            }
             _ => {
                 let more = match self.suppressed {
                     0 => String::new(),
                     n => format!(" ({n} more in the last {:?})", self.window),
                 };
                 self.started = Some(now);
+                self.logged = 1;
                 self.suppressed = 0;
                 emit(&more);
             }
@@ -42,6 +61,7 @@ impl WarnEvery {
 /// grow it): past `MAX_KINDS` they share one window.
 pub struct WarnKinds {
     window: Duration,
+    burst: u64,
     kinds: std::collections::HashMap<String, WarnEvery>,
     overflow: WarnEvery,
 }
@@ -50,10 +70,16 @@ const MAX_KINDS: usize = 64;
 
 impl WarnKinds {
     pub fn new(window: Duration) -> Self {
+        Self::with_burst(window, 1)
+    }
+
+    /// Each kind's first `burst` lines of a window in full ([`WarnEvery::with_burst`]).
+    pub fn with_burst(window: Duration, burst: u64) -> Self {
         WarnKinds {
             window,
+            burst,
             kinds: std::collections::HashMap::new(),
-            overflow: WarnEvery::new(window),
+            overflow: WarnEvery::with_burst(window, burst),
         }
     }
 
@@ -64,7 +90,7 @@ impl WarnKinds {
         if self.kinds.len() >= MAX_KINDS {
             return self.overflow.warn(emit);
         }
-        let mut w = WarnEvery::new(self.window);
+        let mut w = WarnEvery::with_burst(self.window, self.burst);
         w.warn(emit);
         self.kinds.insert(kind.to_owned(), w);
     }
@@ -106,5 +132,18 @@ mod tests {
         w.warn(|more| lines.push(more.to_owned()));
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1], " (9999 more in the last 50ms)");
+    }
+
+    #[test]
+    fn a_burst_is_logged_in_full_and_the_rest_counted_into_the_next_window() {
+        let mut w = WarnEvery::with_burst(Duration::from_millis(100), 3);
+        let mut lines = Vec::new();
+        for _ in 0..10 {
+            w.warn(|more| lines.push(more.to_owned()));
+        }
+        assert_eq!(lines, ["", "", ""], "three in full, seven counted");
+        std::thread::sleep(Duration::from_millis(120));
+        w.warn(|more| lines.push(more.to_owned()));
+        assert_eq!(lines[3], " (7 more in the last 100ms)");
     }
 }

@@ -102,7 +102,8 @@ impl Windows {
 /// Logs the result of applying a new stream window on the session with `peer`.
 pub fn log_resize(peer: &str, rtt: Duration, window: u32, applied: Result<(), h2::Error>) {
     match applied {
-        Ok(()) => tracing::info!(peer, ?rtt, window, "stream windows sized for the link"),
+        // Debug: it comes once per session, 10,000 lines when a fleet reconnects.
+        Ok(()) => tracing::debug!(peer, ?rtt, window, "stream windows sized for the link"),
         Err(e) => tracing::warn!(peer, "resizing stream windows: {e}"),
     }
 }
