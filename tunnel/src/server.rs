@@ -348,6 +348,7 @@ impl Server {
             .ok_or_else(|| Error::Identity("agent presented no certificate".into()))?
             .clone();
         let node = identity::node_id_from_cert(&der)?;
+        let heard = tunnel_proto::heard::LastHeard::new();
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(self.0.cfg.stream_window)
             // Connection-level window: effectively off; memory is bounded per stream, and a
@@ -355,7 +356,7 @@ impl Server {
             .initial_connection_window_size(i32::MAX as u32)
             .max_frame_size(256 * 1024)
             .max_concurrent_reset_streams(10_000)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(tunnel_proto::heard::Heard::new(tls, heard.clone()))
             .await
             .map_err(|e| Error::h2(format!("handshake with agent {node}"), e))?;
         let id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
@@ -409,9 +410,11 @@ impl Server {
         );
         let pings = conn.ping_pong().expect("ping_pong is taken once, here");
         let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
-        let ka = crate::keepalive::run(
+        // The agent pings on its own: the server only listens, and pings a silent agent.
+        let ka = crate::keepalive::run_listening(
             pings,
             self.0.cfg.keepalive,
+            &heard,
             &self.0.stats.keepalive_rtt_us,
             &rtt_tx,
         );

@@ -621,11 +621,25 @@ async fn rebind(a: SocketAddr) -> tokio::net::TcpListener {
 async fn freezable_proxy(
     upstream: SocketAddr,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let (at, frozen, _) = counting_proxy(upstream).await;
+    (at, frozen)
+}
+
+/// [`freezable_proxy`], also counting the bytes it carried: to the upstream, and back.
+async fn counting_proxy(
+    upstream: SocketAddr,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    [std::sync::Arc<std::sync::atomic::AtomicU64>; 2],
+) {
     use std::sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     };
     let frozen = Arc::new(AtomicBool::new(false));
+    let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let c = counts.clone();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = l.local_addr().unwrap();
     let f = frozen.clone();
@@ -637,9 +651,10 @@ async fn freezable_proxy(
             let Ok(up) = TcpStream::connect(upstream).await else {
                 continue;
             };
-            for (mut from, mut to) in [(down.into_split(), up.into_split())]
+            for ((mut from, mut to), count) in [(down.into_split(), up.into_split())]
                 .into_iter()
                 .flat_map(|((dr, dw), (ur, uw))| [(dr, uw), (ur, dw)])
+                .zip(c.clone())
             {
                 let f = f.clone();
                 tokio::spawn(async move {
@@ -657,12 +672,72 @@ async fn freezable_proxy(
                         if to.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
+                        count.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 });
             }
         }
     });
-    (at, frozen)
+    (at, frozen, counts)
+}
+
+/// The server only listens while the agent pings: an idle session carries one PING exchange
+/// per interval (the agent's PING, the server's answer), not one from each end.
+#[tokio::test]
+async fn an_idle_session_carries_one_ping_exchange_per_interval_not_two() {
+    use std::sync::atomic::Ordering;
+    let ca = Ca::new("cluster CA");
+    let leaf = ca.server();
+    let mut cfg = tunnel::server::ServerConfig::new(
+        tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
+    );
+    let ka = tunnel::keepalive::Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(400),
+    };
+    cfg.keepalive = ka;
+    let server = tunnel::server::Server::new(cfg, routes(TABLE));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (proxy, _frozen, [to_server, to_agent]) =
+        counting_proxy(listener.local_addr().unwrap()).await;
+    let (s, t) = (server.clone(), tokio_util::sync::CancellationToken::new());
+    tokio::spawn(async move { s.serve_agents(listener, t).await });
+    let mut acfg = agent_config(
+        &ca,
+        ca.agent("edge-a"),
+        "edge-a",
+        &[proxy],
+        "127.0.0.2".parse().unwrap(),
+        &[1],
+    );
+    acfg.keepalive = ka;
+    let _a = start_agent(acfg);
+    wait_for(|| server.connected_nodes() == ["edge-a"], "session").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (up0, down0) = (
+        to_server.load(Ordering::Relaxed),
+        to_agent.load(Ordering::Relaxed),
+    );
+    let idle = Duration::from_secs(2);
+    tokio::time::sleep(idle).await;
+    let (up, down) = (
+        to_server.load(Ordering::Relaxed) - up0,
+        to_agent.load(Ordering::Relaxed) - down0,
+    );
+    // One PING or PONG: a 17-byte HTTP/2 frame in a TLS 1.3 record (22 bytes more).
+    let record = 39.0;
+    let intervals = idle.as_secs_f64() / ka.interval.as_secs_f64();
+    let (up_records, down_records) = (up as f64 / record, down as f64 / record);
+    // The agent's PINGs go up and the server's PONGs come down, one each per interval; a
+    // pinging server would double both.
+    assert!(
+        up_records > intervals * 0.5 && up_records < intervals * 1.4,
+        "{up_records:.1} records to the server in {intervals} intervals ({up} bytes)"
+    );
+    assert!(
+        down_records > intervals * 0.5 && down_records < intervals * 1.4,
+        "{down_records:.1} records to the agent in {intervals} intervals ({down} bytes)"
+    );
 }
 
 #[tokio::test]

@@ -55,6 +55,49 @@ pub async fn run(
     }
 }
 
+/// The server's side: it pings only when the peer has been silent for `interval +
+/// timeout / 2`, and then wants the answer within `timeout / 2`, so a dead peer is still found
+/// within `interval + timeout`. An agent pinging every `interval` (the same default) keeps it
+/// quiet: an idle session carries one PING exchange per interval, not one from each end. The
+/// first PING goes out at once, as in [`run`], to learn the round-trip time.
+pub async fn run_listening(
+    mut pp: h2::PingPong,
+    ka: Keepalive,
+    heard: &crate::heard::LastHeard,
+    rtt_us: &Gauge,
+    rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+) -> String {
+    let answer_within = ka.timeout / 2;
+    let quiet_for = ka.interval + (ka.timeout - answer_within);
+    let mut first = true;
+    loop {
+        if !first {
+            let silent = heard.silent_for();
+            if silent < quiet_for {
+                tokio::time::sleep(quiet_for - silent).await;
+                continue;
+            }
+        }
+        let within = if first { ka.timeout } else { answer_within };
+        first = false;
+        let start = Instant::now();
+        match tokio::time::timeout(within, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {
+                let took = start.elapsed();
+                rtt_us.set(took.as_micros() as i64);
+                rtt.send_replace(Some(took));
+            }
+            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+            Err(_) => {
+                return format!(
+                    "peer sent nothing for {:?} and did not answer a keepalive PING within {within:?}",
+                    quiet_for
+                );
+            }
+        }
+    }
+}
+
 /// What one stream should be able to carry on a long link before its window, not the link,
 /// limits it (bytes per second; 2.5 Gbit/s).
 const STREAM_RATE: f64 = 312.5e6;

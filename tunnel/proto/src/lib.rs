@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod error;
 pub mod files;
+pub mod heard;
 pub mod identity;
 pub mod keepalive;
 pub mod relay;
