@@ -245,9 +245,19 @@ fn watch_bring_up(
 fn main() -> Result<()> {
     let cli = Cli::parse();
     redirector_tests::require_root();
-    edge_cli::process::raise_nofile();
     let n = cli.agents;
     ensure!((1..60_000).contains(&n), "--agents between 1 and 59999");
+    // One descriptor per session on each side, and the server inherits the limit: past the
+    // usual hard limit, root raises it (up to fs.nr_open).
+    let want = (n as u64 + 2_000).max(20_000);
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: plain setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        edge_cli::process::raise_nofile();
+    }
     let w = World::new();
     let pki = TestPki::new(&w.dir);
     let mut table = String::from(redirector_tests::NODE_TABLE);
