@@ -617,15 +617,8 @@ async fn rebind(a: SocketAddr) -> tokio::net::TcpListener {
 }
 
 /// A TCP proxy that can be frozen: it stops moving bytes but keeps both connections open,
-/// like a SIGSTOPped peer or a NAT that silently dropped its mapping.
-async fn freezable_proxy(
-    upstream: SocketAddr,
-) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let (at, frozen, _) = counting_proxy(upstream).await;
-    (at, frozen)
-}
-
-/// [`freezable_proxy`], also counting the bytes it carried: to the upstream, and back.
+/// like a SIGSTOPped peer or a NAT that silently dropped its mapping. It counts the bytes it
+/// carried: to the upstream, and back.
 async fn counting_proxy(
     upstream: SocketAddr,
 ) -> (
@@ -681,25 +674,26 @@ async fn counting_proxy(
     (at, frozen, counts)
 }
 
-/// The server only listens while the agent pings: an idle session carries one PING exchange
-/// per interval (the agent's PING, the server's answer), not one from each end.
-#[tokio::test]
-async fn an_idle_session_carries_one_ping_exchange_per_interval_not_two() {
-    use std::sync::atomic::Ordering;
+/// A server and edge-a's agent with keepalive `ka` on both ends, the session through a
+/// [`counting_proxy`], once the session is up.
+struct KeepaliveWorld {
+    server: tunnel::server::Server,
+    agent: RunningAgent,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes to the server, bytes back to the agent.
+    counts: [std::sync::Arc<std::sync::atomic::AtomicU64>; 2],
+}
+
+async fn keepalive_world(ka: tunnel::keepalive::Keepalive) -> KeepaliveWorld {
     let ca = Ca::new("cluster CA");
     let leaf = ca.server();
     let mut cfg = tunnel::server::ServerConfig::new(
         tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
     );
-    let ka = tunnel::keepalive::Keepalive {
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(400),
-    };
     cfg.keepalive = ka;
     let server = tunnel::server::Server::new(cfg, routes(TABLE));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (proxy, _frozen, [to_server, to_agent]) =
-        counting_proxy(listener.local_addr().unwrap()).await;
+    let (proxy, frozen, counts) = counting_proxy(listener.local_addr().unwrap()).await;
     let (s, t) = (server.clone(), tokio_util::sync::CancellationToken::new());
     tokio::spawn(async move { s.serve_agents(listener, t).await });
     let mut acfg = agent_config(
@@ -711,8 +705,32 @@ async fn an_idle_session_carries_one_ping_exchange_per_interval_not_two() {
         &[1],
     );
     acfg.keepalive = ka;
-    let _a = start_agent(acfg);
+    let agent = start_agent(acfg);
     wait_for(|| server.connected_nodes() == ["edge-a"], "session").await;
+    KeepaliveWorld {
+        server,
+        agent,
+        frozen,
+        counts,
+    }
+}
+
+/// The server only listens while the agent pings: an idle session carries one PING exchange
+/// per interval (the agent's PING, the server's answer), not one from each end.
+#[tokio::test]
+async fn an_idle_session_carries_one_ping_exchange_per_interval_not_two() {
+    use std::sync::atomic::Ordering;
+    let ka = tunnel::keepalive::Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(400),
+    };
+    // Bound, not `..`: an unbound server or agent would be dropped (stopped) right here.
+    let KeepaliveWorld {
+        server: _server,
+        agent: _agent,
+        counts: [to_server, to_agent],
+        ..
+    } = keepalive_world(ka).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (up0, down0) = (
         to_server.load(Ordering::Relaxed),
@@ -743,32 +761,16 @@ async fn an_idle_session_carries_one_ping_exchange_per_interval_not_two() {
 #[tokio::test]
 async fn a_silent_peer_is_found_by_keepalive_on_both_sides_within_interval_plus_timeout() {
     let (logs, _g) = capture_logs();
-    let ca = Ca::new("cluster CA");
-    let leaf = ca.server();
-    let mut cfg = tunnel::server::ServerConfig::new(
-        tunnel::tls::server_config(std::slice::from_ref(&ca.cert), leaf.chain, leaf.key).unwrap(),
-    );
-    let ka = tunnel::keepalive::Keepalive {
+    let KeepaliveWorld {
+        server,
+        agent: a,
+        frozen,
+        ..
+    } = keepalive_world(tunnel::keepalive::Keepalive {
         interval: Duration::from_millis(200),
         timeout: Duration::from_millis(400),
-    };
-    cfg.keepalive = ka;
-    let server = tunnel::server::Server::new(cfg, routes(TABLE));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (proxy, frozen) = freezable_proxy(listener.local_addr().unwrap()).await;
-    let (s, t) = (server.clone(), tokio_util::sync::CancellationToken::new());
-    tokio::spawn(async move { s.serve_agents(listener, t).await });
-    let mut acfg = agent_config(
-        &ca,
-        ca.agent("edge-a"),
-        "edge-a",
-        &[proxy],
-        "127.0.0.2".parse().unwrap(),
-        &[1],
-    );
-    acfg.keepalive = ka;
-    let a = start_agent(acfg);
-    wait_for(|| server.connected_nodes() == ["edge-a"], "session").await;
+    })
+    .await;
     // Idle session, no streams: keepalive still runs and measures a round trip.
     wait_for(
         || server.stats().keepalive_rtt_us.get() > 0,

@@ -37,21 +37,35 @@ pub async fn run(
             tokio::time::sleep(ka.interval).await;
         }
         first = false;
-        let start = Instant::now();
-        match tokio::time::timeout(ka.timeout, pp.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {
-                let took = start.elapsed();
-                rtt_us.set(took.as_micros() as i64);
-                rtt.send_replace(Some(took));
-            }
-            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
-            Err(_) => {
-                return format!(
+        if let Err(why) = ping(&mut pp, ka.timeout, rtt_us, rtt).await {
+            return why.unwrap_or_else(|| {
+                format!(
                     "peer did not answer a keepalive PING within {:?}",
                     ka.timeout
-                );
-            }
+                )
+            });
         }
+    }
+}
+
+/// One PING answered within `within`, its round trip recorded. `Err(None)`: no answer in
+/// time; `Err(Some(why))`: the PING itself failed.
+async fn ping(
+    pp: &mut h2::PingPong,
+    within: Duration,
+    rtt_us: &Gauge,
+    rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+) -> Result<(), Option<String>> {
+    let start = Instant::now();
+    match tokio::time::timeout(within, pp.ping(h2::Ping::opaque())).await {
+        Ok(Ok(_)) => {
+            let took = start.elapsed();
+            rtt_us.set(took.as_micros() as i64);
+            rtt.send_replace(Some(took));
+            Ok(())
+        }
+        Ok(Err(e)) => Err(Some(format!("keepalive PING failed: {e}"))),
+        Err(_) => Err(None),
     }
 }
 
@@ -80,20 +94,12 @@ pub async fn run_listening(
         }
         let within = if first { ka.timeout } else { answer_within };
         first = false;
-        let start = Instant::now();
-        match tokio::time::timeout(within, pp.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {
-                let took = start.elapsed();
-                rtt_us.set(took.as_micros() as i64);
-                rtt.send_replace(Some(took));
-            }
-            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
-            Err(_) => {
-                return format!(
-                    "peer sent nothing for {:?} and did not answer a keepalive PING within {within:?}",
-                    quiet_for
-                );
-            }
+        if let Err(why) = ping(&mut pp, within, rtt_us, rtt).await {
+            return why.unwrap_or_else(|| {
+                format!(
+                    "peer sent nothing for {quiet_for:?} and did not answer a keepalive PING within {within:?}"
+                )
+            });
         }
     }
 }
