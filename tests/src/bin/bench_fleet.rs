@@ -257,6 +257,22 @@ fn main() -> Result<()> {
     // SAFETY: plain setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         edge_cli::process::raise_nofile();
+        let mut have = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain getrlimit into a struct we own.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut have) };
+        // Each side holds one descriptor per session, plus its listeners and the like.
+        ensure!(
+            n as u64 + 500 <= have.rlim_cur,
+            "{n} agents need {} open files per process, and the limit here is {} (raising it \
+             needs CAP_SYS_RESOURCE, which this process lacks): run at most {} agents, or raise \
+             the hard limit (ulimit -Hn) before starting",
+            n + 500,
+            have.rlim_cur,
+            have.rlim_cur.saturating_sub(500)
+        );
     }
     let w = World::new();
     let pki = TestPki::new(&w.dir);
