@@ -162,6 +162,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: flat memory after bursts (see edge_cli::memory).
+    edge_cli::memory::without_thread_cache();
     let cli = Cli::parse();
     edge_cli::logging::init(cli.log_format);
     match dispatch(cli) {

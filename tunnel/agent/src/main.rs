@@ -114,6 +114,8 @@ fn settings(a: Args) -> Result<Settings, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: flat memory after bursts (see edge_cli::memory).
+    edge_cli::memory::without_thread_cache();
     edge_cli::process::raise_nofile();
     let args = Args::parse();
     edge_cli::logging::init(args.log_format);

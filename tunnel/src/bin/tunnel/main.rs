@@ -52,6 +52,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: flat memory after bursts (see edge_cli::memory).
+    edge_cli::memory::without_thread_cache();
     edge_cli::process::raise_nofile();
     let cli = Cli::parse();
     edge_cli::logging::init(cli.log_format);
