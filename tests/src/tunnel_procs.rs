@@ -169,6 +169,18 @@ pub fn server(
     agents_at: SocketAddr,
     metrics_at: SocketAddr,
 ) -> LoggedProc {
+    server_with(w, pki, ingress, agents_at, metrics_at, &[])
+}
+
+/// [`server`] with `extra` arguments.
+pub fn server_with(
+    w: &World,
+    pki: &TestPki,
+    ingress: (SocketAddr, SocketAddr),
+    agents_at: SocketAddr,
+    metrics_at: SocketAddr,
+    extra: &[&str],
+) -> LoggedProc {
     let mut args = server_args(
         pki,
         ingress.0,
@@ -178,6 +190,7 @@ pub fn server(
         &w.pin_dir,
     );
     args.extend(["--host-ingress6".to_owned(), ingress.1.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut cmd = server_command(w, &args);
     spawn::drop_privileges(&mut cmd);
     let mut p = LoggedProc::start(&w.dir, "tunnel-server", cmd);
@@ -224,6 +237,16 @@ pub struct Stack {
 }
 
 pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
+    stack_with(w, pki, redirector_args, &[])
+}
+
+/// [`stack`] with `server_args` added to the tunnel server's.
+pub fn stack_with(
+    w: &World,
+    pki: &TestPki,
+    redirector_args: &[&str],
+    server_args: &[&str],
+) -> Stack {
     let (ingress, ingress6, agents_at, metrics_at) = {
         let _m = w.master.enter();
         (
@@ -238,7 +261,7 @@ pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
     // Agents dial `agents_at`; the server listens on every master address (a benchmark adds a
     // second, long-RTT link to the master).
     let any = std::net::SocketAddr::from(([0, 0, 0, 0], agents_at.port()));
-    let server = server(w, pki, (ingress, ingress6), any, metrics_at);
+    let server = server_with(w, pki, (ingress, ingress6), any, metrics_at, server_args);
     Stack {
         ingress,
         ingress6,

@@ -19,6 +19,7 @@ pub mod admission;
 pub mod metrics;
 pub mod orig_dst;
 pub mod pki;
+pub mod reach;
 pub mod run;
 pub mod server;
 

@@ -18,6 +18,11 @@ pub struct AdmissionLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CheckLabel {
+    pub result: &'static str,
+}
+
 /// Server-side metrics. Cloning shares the underlying values.
 #[derive(Clone, Default)]
 pub struct ServerMetrics {
@@ -41,6 +46,8 @@ pub struct ServerMetrics {
     pub enroll_refused: Family<Reason, Counter>,
     /// Last keepalive round trip of any session, microseconds.
     pub keepalive_rtt_us: Gauge,
+    /// Health streams of the node self-check, by result (ok, failed).
+    pub node_checks: Family<CheckLabel, Counter>,
 }
 
 impl ServerMetrics {
@@ -105,6 +112,11 @@ impl ServerMetrics {
             "tunnel_server_enroll_refused",
             "Enrollment requests and connections refused, by reason (bad_request, unauthorized, forbidden, rate_limited, body_too_large, head_too_large, head_timeout, body_timeout, handshake_timeout, handshake_failed, ...)",
             self.enroll_refused.clone(),
+        );
+        r.register(
+            "tunnel_server_node_checks",
+            "Health streams sent to nodes that carried no stream for --node-check-interval, by result (ok, failed: no answer)",
+            self.node_checks.clone(),
         );
         r.register(
             "tunnel_server_keepalive_rtt_microseconds",

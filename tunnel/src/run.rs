@@ -57,6 +57,8 @@ pub struct Settings {
     /// How long a stopping server waits for in-flight streams.
     pub drain_deadline: Duration,
     pub limits: crate::admission::Limits,
+    /// The node self-check's interval (None: off); see [`Server::check_nodes`].
+    pub node_check_interval: Option<Duration>,
 }
 
 /// Everything the server listens on, bound by the caller (tests bind port 0).
@@ -98,6 +100,14 @@ pub async fn run(
     let server = Server::following(cfg, nodes);
     let mut registry = prometheus_client::registry::Registry::default();
     server.stats().register(&mut registry);
+    let reach = server.clone();
+    registry.register_collector(Box::new(crate::reach::ReachCollector(move || {
+        reach.reachability()
+    })));
+    if let Some(every) = s.node_check_interval {
+        let (srv, t) = (server.clone(), shutdown.clone());
+        tokio::spawn(async move { srv.check_nodes(every, t).await });
+    }
     if let Some(ml) = listeners.metrics {
         tokio::spawn(crate::metrics::serve(
             ml,

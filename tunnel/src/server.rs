@@ -23,7 +23,8 @@ use crate::{
     admission::{Admission, Limits, Ticket, Verdict},
     error::{Error, Result},
     identity,
-    metrics::{AdmissionLabel, Direction, Reason, ServerMetrics},
+    metrics::{AdmissionLabel, CheckLabel, Direction, Reason, ServerMetrics},
+    reach::{Reach, Seen},
     relay,
     relay::End,
     wire,
@@ -34,6 +35,8 @@ pub use tunnel_proto::wire::{NODE_HEADER, Refusal};
 
 /// Session up/down lines logged one by one per 10 s (each kind) before they are counted.
 const SESSION_LINES_PER_WINDOW: u64 = 20;
+/// Health streams in flight at once: a fleet of idle nodes is checked in a trickle.
+const CHECKS_IN_FLIGHT: usize = 64;
 
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -95,6 +98,8 @@ struct Inner {
     agents_admission: Admission,
     /// Redirected connections held now (against `limits.max_ingress_connections`).
     ingress_held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Which nodes answer streams, and when they last did.
+    reach: Reach,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -142,6 +147,7 @@ impl Server {
             )),
             agents_admission: Admission::new(cfg.limits.agents),
             ingress_held: Default::default(),
+            reach: Reach::default(),
             cfg,
         }))
     }
@@ -171,6 +177,105 @@ impl Server {
 
     pub fn stats(&self) -> &ServerMetrics {
         &self.0.stats
+    }
+
+    /// Every node of the node table and every node seen on a session, with whether it answers
+    /// streams and when it last did (the `tunnel_server_node_*` gauges).
+    pub fn reachability(&self) -> std::collections::BTreeMap<String, Seen> {
+        let known: Vec<String> = match &self.0.routing {
+            Routing::Followed(f) => f.current().table.nodes.keys().cloned().collect(),
+            Routing::Fixed(r) => r
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .nodes()
+                .map(|n| n.to_string())
+                .collect(),
+        };
+        self.0.reach.snapshot(known)
+    }
+
+    /// The self-check of every node with a session: each `interval`, a node that answered no
+    /// stream for half of it gets a health stream, which its agent answers without dialling;
+    /// no answer within half the interval (at most `open_timeout`) marks it unreachable. A
+    /// node whose agent stops answering is therefore seen within two intervals, however long
+    /// its session stays up.
+    pub async fn check_nodes(&self, interval: Duration, shutdown: CancellationToken) {
+        let timeout = (interval / 2).min(self.0.cfg.open_timeout);
+        let limit = Arc::new(tokio::sync::Semaphore::new(CHECKS_IN_FLIGHT));
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for node in self.connected_nodes() {
+                // A node that answered in the last half interval (a stream, or the previous
+                // check answered quickly) has shown it is alive.
+                if !self.0.reach.due(&node, interval - timeout) {
+                    continue;
+                }
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let server = self.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    server.check_node(&node, timeout).await;
+                });
+            }
+        }
+    }
+
+    async fn check_node(&self, node: &str, timeout: Duration) {
+        let check = async {
+            let req = wire::health_request(node).map_err(|e| e.to_string())?;
+            let (resp, _body) = open_stream(self.candidates(node), req, true).await?;
+            // Any answer is the agent's: an agent older than health streams refuses this one
+            // (port 0 is never allowed), which proves the same.
+            resp.await.map_err(|e| format!("awaiting the agent: {e}"))
+        };
+        let result = match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        let was = self.0.reach.get(node).reachable;
+        let label = |result: &'static str| CheckLabel { result };
+        match result {
+            Ok(()) => {
+                self.0.stats.node_checks.get_or_create(&label("ok")).inc();
+                self.0.reach.reached(node);
+                if !was {
+                    tracing::info!(node = %node, "node answers its health stream again");
+                }
+            }
+            Err(e) => {
+                self.0
+                    .stats
+                    .node_checks
+                    .get_or_create(&label("failed"))
+                    .inc();
+                self.0.reach.lost(node);
+                if was {
+                    self.warn_aggregated("node_check", |more| {
+                        tracing::warn!(node = %node, "node unreachable: its session is up but its agent did not answer a health stream ({e}); the agent hangs or cannot serve streams: see its log and tunnel_agent_* metrics{more}")
+                    });
+                }
+            }
+        }
+    }
+
+    /// A node's sessions that may take a new stream, newest first.
+    fn candidates(&self, node: &str) -> Vec<SendRequest<Bytes>> {
+        self.0
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .map(|live| live.iter().rev().map(|s| s.send.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// How many redirected connections were refused for `why`.
@@ -404,6 +509,8 @@ impl Server {
             self.0.stats.sessions.set(sessions.len() as i64);
         }
         self.0.stats.sessions_accepted.inc();
+        // It answered the HTTP/2 handshake just now.
+        self.0.reach.reached(&node);
         self.log_session(
             "up",
             |more| tracing::info!(node = %node, %peer, session = id, "agent session up{more}"),
@@ -447,6 +554,7 @@ impl Server {
         };
         if remaining.is_none() {
             sessions.remove(&node);
+            self.0.reach.lost(&node);
         }
         self.0.stats.sessions.set(sessions.len() as i64);
         drop(sessions);
@@ -586,14 +694,7 @@ impl Server {
         let port = dst.port();
         // Newest first; one that no longer takes streams (its agent sent GOAWAY, or it is
         // closing) hands the stream to the next.
-        let candidates: Vec<SendRequest<Bytes>> = self
-            .0
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&*node)
-            .map(|live| live.iter().rev().map(|s| s.send.clone()).collect())
-            .unwrap_or_default();
+        let candidates = self.candidates(&node);
         if candidates.is_empty() {
             return Err(self.refuse(
                 tcp,
@@ -602,24 +703,8 @@ impl Server {
             ));
         }
         let open = async {
-            let mut last = None;
-            let mut ready = None;
-            for send in candidates {
-                match send.ready().await {
-                    Ok(s) => {
-                        ready = Some(s);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            let mut send = ready.ok_or_else(|| match last {
-                Some(e) => format!("session not ready: {e}"),
-                None => "session not ready".to_owned(),
-            })?;
             let req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
-            send.send_request(req, false)
-                .map_err(|e| format!("opening stream: {e}"))
+            open_stream(candidates, req, false).await
         };
         let (resp, tx) = match tokio::time::timeout(self.0.cfg.open_timeout, open).await {
             Ok(Ok(x)) => x,
@@ -646,6 +731,7 @@ impl Server {
                 Ok(Ok(r)) if r.status() == http::StatusCode::OK => {
                     // Counted when the agent accepted it, before any reply reaches the client.
                     self.0.stats.streams_total.inc();
+                    self.0.reach.reached(&node);
                     return Some(r.into_body());
                 }
                 Ok(Ok(r)) => {
@@ -724,4 +810,28 @@ impl Server {
         refuse_tcp(tcp);
         why
     }
+}
+
+/// Opens a stream with `req` on the first of `candidates` (newest first) that takes one: a
+/// session that no longer does (its agent sent GOAWAY, or it is closing) hands it to the next.
+async fn open_stream(
+    candidates: Vec<SendRequest<Bytes>>,
+    req: http::Request<()>,
+    end_of_stream: bool,
+) -> std::result::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
+    let mut last = None;
+    for send in candidates {
+        match send.ready().await {
+            Ok(mut send) => {
+                return send
+                    .send_request(req, end_of_stream)
+                    .map_err(|e| format!("opening stream: {e}"));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => format!("session not ready: {e}"),
+        None => "no session".to_owned(),
+    })
 }

@@ -49,6 +49,18 @@ impl Routes {
         })
     }
 
+    /// Every node named by a route, once each.
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<str>> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.0
+            .values()
+            .flat_map(|r| match r {
+                Route::Node(n) => std::slice::from_ref(n),
+                Route::Ambiguous(v) => v.as_slice(),
+            })
+            .filter(move |n| seen.insert(Arc::clone(n)))
+    }
+
     /// How many addresses are routed (each node address once).
     pub fn len(&self) -> usize {
         self.0.len()

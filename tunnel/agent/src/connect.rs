@@ -3,7 +3,7 @@
 //! wrongly (or an old one, after the node was renamed) must not reach another port or node.
 use std::collections::BTreeSet;
 
-use tunnel_proto::wire::{NODE_HEADER, Refusal};
+use tunnel_proto::wire::{HEALTH_HEADER, NODE_HEADER, Refusal};
 
 /// The port to dial for `req`, or why the stream is refused.
 pub fn admit<B>(
@@ -24,6 +24,16 @@ pub fn admit<B>(
         .port_u16()
         .filter(|p| allowed_ports.contains(p))
         .ok_or(Refusal::PortNotAllowed)
+}
+
+/// Whether `req` is the server's health stream for this node (answered without a dial).
+pub fn is_health<B>(req: &http::Request<B>, node_id: &str) -> bool {
+    req.method() == http::Method::CONNECT
+        && req.headers().contains_key(HEALTH_HEADER)
+        && req
+            .headers()
+            .get(NODE_HEADER)
+            .is_some_and(|n| n.to_str().ok() == Some(node_id))
 }
 
 #[cfg(test)]
@@ -62,6 +72,20 @@ mod tests {
         );
         assert_eq!(
             ok(&req("CONNECT", "127.0.0.1:22", None)),
+            Err(Refusal::PortNotAllowed)
+        );
+    }
+
+    #[test]
+    fn the_health_stream_is_recognised_only_for_this_node() {
+        let health = tunnel_proto::wire::health_request("edge-a").unwrap();
+        assert!(is_health(&health, "edge-a"));
+        assert!(!is_health(&health, "edge-b"));
+        let plain = tunnel_proto::wire::connect_request("edge-a", 10250).unwrap();
+        assert!(!is_health(&plain, "edge-a"));
+        // Without the health header, port 0 is refused like any port not allow-listed.
+        assert_eq!(
+            admit(&health, "edge-a", &[10250].into()),
             Err(Refusal::PortNotAllowed)
         );
     }

@@ -356,6 +356,15 @@ async fn serve_stream(
     req: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
 ) {
+    if crate::connect::is_health(&req, &cfg.node_id) {
+        let mut respond = respond;
+        let ok = http::Response::builder()
+            .status(http::StatusCode::OK)
+            .body(())
+            .expect("static response");
+        let _ = respond.send_response(ok, true);
+        return;
+    }
     let port = match crate::connect::admit(&req, &cfg.node_id, &cfg.allowed_ports) {
         Ok(port) => port,
         Err(why) => {

@@ -118,6 +118,21 @@ pub fn connect_request(node: &str, port: u16) -> http::Result<http::Request<()>>
         .body(())
 }
 
+/// Marks the server's health stream (the node self-check): the agent answers it itself, 200
+/// and end of stream, without dialling anything.
+pub const HEALTH_HEADER: &str = "x-edge-health";
+
+/// A health stream for `node`. Port 0 is never allow-listed, so an agent that predates health
+/// streams refuses it, which still shows that it answers.
+pub fn health_request(node: &str) -> http::Result<http::Request<()>> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("127.0.0.1:0")
+        .header(NODE_HEADER, node)
+        .header(HEALTH_HEADER, "1")
+        .body(())
+}
+
 /// The agent's answer to a stream it refuses.
 pub fn refusal_response(why: Refusal) -> http::Response<()> {
     http::Response::builder()

@@ -82,6 +82,11 @@ pub struct ServerArgs {
     /// two start together in the pod.
     #[arg(long, env = "TUNNEL_WAIT_FOR_REDIRECTOR", default_value = "30", value_parser = edge_cli::seconds::non_negative)]
     wait_for_redirector: Duration,
+    /// Seconds between self-checks of the nodes: a node that carried no stream for this long
+    /// gets a health stream its agent answers itself (`tunnel_server_node_reachable`); 0 turns
+    /// the checks off (a session still counts until it ends).
+    #[arg(long, env = "TUNNEL_NODE_CHECK_INTERVAL", default_value = "300", value_parser = edge_cli::seconds::non_negative)]
+    node_check_interval: Duration,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -186,6 +191,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         csr_signer: a.csr_signer.then(|| a.agent_service_account.clone()),
         drain_deadline: DRAIN_DEADLINE,
         limits: a.limits.limits()?,
+        node_check_interval: (!a.node_check_interval.is_zero()).then_some(a.node_check_interval),
     };
     let metrics_at = a
         .common
