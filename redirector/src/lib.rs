@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod origdst;
 pub mod run;
+pub mod self_check;
 pub mod status;
 pub mod sys;
 pub mod uninstall;

@@ -144,6 +144,10 @@ struct RunArgs {
     /// Seconds between checks of the node table file for changes (SIGHUP checks at once).
     #[arg(long, env = "REDIRECTOR_RELOAD_INTERVAL", default_value = "2", value_parser = edge_cli::seconds::positive)]
     reload_interval: Duration,
+    /// Seconds between self-checks of the programs' attachment; a program found detached is
+    /// attached again (`redirector_path_ok`, `redirector_program_repairs_total`).
+    #[arg(long, env = "REDIRECTOR_SELF_CHECK_INTERVAL", default_value = "30", value_parser = edge_cli::seconds::positive)]
+    self_check_interval: Duration,
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -291,6 +295,7 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         ready_file: args.ready_file,
         hosts_file: args.hosts_file,
         metrics_listen: parse_listen("--metrics-listen", &args.metrics_listen)?,
+        self_check_interval: args.self_check_interval,
     };
     block_on_until_signal(|shutdown| run(cfg, shutdown))
 }

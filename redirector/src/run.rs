@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub hosts_file: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// How often the programs' attachment is checked (and a detached one attached again).
+    pub self_check_interval: Duration,
 }
 
 impl RunConfig {
@@ -201,6 +203,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
         adopted = ?installed.adopted,
         "programs in place"
     );
+    let cgroup_id = crate::cgroup::cgroup_id(&cfg.install.cgroup)?;
+    let repairs = prometheus_client::metrics::counter::Counter::<u64>::default();
     let mut maps = PinnedMaps::open(&cfg.install.pin_dir)?;
     maps.set_config(&kernel_config(&cfg)?)?;
     let ports = adopt_ports(&mut maps, &cfg.ports)?;
@@ -219,6 +223,15 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
             MapsCollector::new(PinnedMaps::open(&cfg.install.pin_dir)?, ambiguous.clone());
         registry.register_collector(Box::new(collector));
         ports.register(&mut registry);
+        registry.register_collector(Box::new(crate::self_check::AttachCollector {
+            pin_dir: cfg.install.pin_dir.clone(),
+            cgroup_id,
+        }));
+        registry.register(
+            "redirector_program_repairs",
+            "Times the self-check found programs detached and attached them again",
+            repairs.clone(),
+        );
         // Ready from here on: the programs are attached and the maps filled.
         tokio::spawn(edge_cli::http::serve(
             listener,
@@ -237,9 +250,26 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     // The one node-table follower: polls, and reloads at once on SIGHUP.
     tokio::spawn(nodes.clone().run(cfg.reload_interval, shutdown.clone()));
     let mut flush = tokio::time::interval(cfg.reload_interval);
+    let mut check = tokio::time::interval(cfg.self_check_interval);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = check.tick() => {
+                let gone = crate::self_check::detached(&cfg.install.pin_dir, cgroup_id);
+                if gone.is_empty() {
+                    continue;
+                }
+                tracing::error!(programs = ?gone, cgroup = %cfg.install.cgroup.display(), "programs are no longer attached (a link was detached or its pin removed): connections their hooks handle are not redirected; attaching them again");
+                match loader::install(&cfg.install) {
+                    Ok(again) => {
+                        repairs.inc();
+                        tracing::info!(attached = ?again.attached, adopted = ?again.adopted, "programs attached again");
+                        installed = again;
+                    }
+                    Err(e) => tracing::error!("attaching the programs again failed, retrying in {:?}: {e}", cfg.self_check_interval),
+                }
+            }
             _ = flush.tick() => {
                 if let Some(l) = installed.logger.as_mut() {
                     l.flush();

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pki;
 pub mod procstat;
 pub mod relay_floor;
+pub mod scrape;
 pub mod servers;
 pub mod spawn;
 pub mod tunnel_procs;

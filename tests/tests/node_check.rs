@@ -2,18 +2,15 @@
 //! while its session stays up is marked unreachable within two check intervals, long before
 //! the keepalive would give up; it is reachable again once the agent answers; a killed agent
 //! is unreachable at once. Health streams are neither relayed streams nor refusals. Root only.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redirector_tests::{World, pki::TestPki, tunnel_procs};
+use redirector_tests::{
+    World,
+    pki::TestPki,
+    scrape::{sample, wait_sample},
+    tunnel_procs,
+};
 
-/// The value of the sample `series` (name and labels as printed) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Polls the server's metrics until `series` has `want`; how long that took, or a panic
-/// naming the last scrape.
 fn wait_value(
     w: &World,
     st: &tunnel_procs::Stack,
@@ -21,23 +18,7 @@ fn wait_value(
     want: f64,
     within: Duration,
 ) -> Duration {
-    let start = Instant::now();
-    loop {
-        let text = tunnel_procs::http_get(w, st.metrics_at, "/metrics");
-        if sample(&text, series) == Some(want) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{series} is not {want} after {within:?}:\n{}",
-            text.lines()
-                .filter(|l| l.starts_with("tunnel_server_node")
-                    || l.starts_with("tunnel_server_sessions "))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_sample(&w.master, st.metrics_at, series, want, within)
 }
 
 const REACHABLE_A: &str = "tunnel_server_node_reachable{node=\"edge-a\"}";
