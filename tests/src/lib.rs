@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod cgroup;
 pub mod delayline;
+pub mod monitoring;
 pub mod netns;
 pub mod pki;
 pub mod procstat;
@@ -21,6 +22,7 @@ pub mod scrape;
 pub mod servers;
 pub mod spawn;
 pub mod tunnel_procs;
+pub mod yaml;
 
 use std::{
     fs,

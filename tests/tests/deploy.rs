@@ -9,17 +9,8 @@ use std::{
 };
 
 use redirector::node_table::NodeTable;
+use redirector_tests::yaml::{deploy_dir, documents, venv};
 use serde_json::Value;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-fn venv() -> PathBuf {
-    PathBuf::from(
-        std::env::var("VALIDATE_VENV").unwrap_or_else(|_| "/opt/edge-redirector-dev/venv".into()),
-    )
-}
 
 fn manifests() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
@@ -31,28 +22,6 @@ fn manifests() -> Vec<PathBuf> {
     v.sort();
     assert!(v.len() >= 6, "manifests: {v:?}");
     v
-}
-
-/// Every YAML document of `files`, as JSON (PyYAML from the validator's venv).
-fn documents(files: &[PathBuf]) -> Vec<serde_json::Value> {
-    let python = venv().join("bin/python");
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import json, sys, yaml\nfor f in sys.argv[1:]:\n    for d in yaml.safe_load_all(open(f)):\n        print(json.dumps(d))",
-        ])
-        .args(files)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", python.display()));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -59,6 +59,16 @@ fn a_hung_agent_is_unreachable_within_two_intervals_and_a_killed_one_at_once() {
         "{text}"
     );
     assert!(!text.contains("last_reached_timestamp_seconds{node=\"edge-b\"}"));
+    // The session's client certificate says when the node must have renewed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = sample(
+        &text,
+        "tunnel_server_node_certificate_expiry_timestamp_seconds{node=\"edge-a\"}",
+    );
+    assert!(expiry.is_some_and(|t| t > now), "{expiry:?}\n{text}");
     // Idle for a few intervals: health streams keep it reachable, and are counted as checks,
     // not as relayed streams or refusals.
     std::thread::sleep(Duration::from_millis(3500));
@@ -71,8 +81,12 @@ fn a_hung_agent_is_unreachable_within_two_intervals_and_a_killed_one_at_once() {
         Some(0.0),
         "{text}"
     );
-    assert!(
-        !text.contains("tunnel_server_refused_total{reason=\"agent_refused\"} 1"),
+    assert_eq!(
+        sample(
+            &text,
+            "tunnel_server_refused_total{reason=\"agent_refused\"}"
+        ),
+        Some(0.0),
         "{text}"
     );
 

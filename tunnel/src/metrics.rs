@@ -50,8 +50,40 @@ pub struct ServerMetrics {
     pub node_checks: Family<CheckLabel, Counter>,
 }
 
+/// Reasons an agent connection is closed before authentication (the `admission` family).
+pub const ADMISSION_REASONS: [&str; 5] = [
+    "per_source_full",
+    "total_full",
+    "evicted_oldest",
+    "handshake_timeout",
+    "sessions_per_node",
+];
+
 impl ServerMetrics {
+    /// Every known label set at 0, so a family is in the first scrape, before its first event:
+    /// rates and dashboards then show 0 instead of no data.
+    fn zeroes(&self) {
+        for why in tunnel_proto::wire::Refusal::ALL {
+            self.refused.get_or_create(&Reason {
+                reason: why.label(),
+            });
+        }
+        for direction in ["to_node", "from_node"] {
+            self.bytes.get_or_create(&Direction { direction });
+        }
+        for result in ["ok", "failed"] {
+            self.node_checks.get_or_create(&CheckLabel { result });
+        }
+        for reason in ADMISSION_REASONS {
+            self.admission.get_or_create(&AdmissionLabel {
+                listener: "agents",
+                reason,
+            });
+        }
+    }
+
     pub fn register(&self, r: &mut Registry) {
+        self.zeroes();
         r.register(
             "tunnel_server_sessions",
             "Agent sessions currently up",

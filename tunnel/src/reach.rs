@@ -31,6 +31,9 @@ pub struct Seen {
     pub reachable: bool,
     /// When it last answered (None: never, since this server started).
     pub last_reached: Option<SystemTime>,
+    /// When the certificate of its newest session expires: a node whose renewal is failing
+    /// shows here first, and an edge agent behind NAT cannot be scraped to tell.
+    pub cert_expires: Option<SystemTime>,
 }
 
 /// Shared by the server's sessions, streams and checker; cheap to lock (one map lookup).
@@ -51,6 +54,15 @@ impl Reach {
         self.with(node, |s| {
             s.reachable = true;
             s.last_reached = Some(SystemTime::now());
+        });
+    }
+
+    /// A new session came up with a certificate valid until `expires`.
+    pub fn session_up(&self, node: &str, expires: Option<SystemTime>) {
+        self.with(node, |s| {
+            s.reachable = true;
+            s.last_reached = Some(SystemTime::now());
+            s.cert_expires = expires.or(s.cert_expires);
         });
     }
 
@@ -108,22 +120,42 @@ where
             let g = ConstGauge::new(i64::from(seen.reachable));
             g.encode(family.encode_family(&[("node", node.as_str())])?)?;
         }
-        let mut family = encoder.encode_descriptor(
+        times(
+            &mut encoder,
             "tunnel_server_node_last_reached_timestamp_seconds",
             "When the node's agent last answered a stream or health check (Unix time; absent: never since this server started)",
-            None,
-            MetricType::Gauge,
+            &nodes,
+            |s| s.last_reached,
         )?;
-        for (node, seen) in &nodes {
-            let Some(t) = seen.last_reached else { continue };
-            let secs = t
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            ConstGauge::new(secs).encode(family.encode_family(&[("node", node.as_str())])?)?;
-        }
+        times(
+            &mut encoder,
+            "tunnel_server_node_certificate_expiry_timestamp_seconds",
+            "When the client certificate of the node's newest session expires (Unix time)",
+            &nodes,
+            |s| s.cert_expires,
+        )?;
         Ok(())
     }
+}
+
+/// A per-node gauge family of Unix times; nodes without one are left out.
+fn times(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    nodes: &BTreeMap<String, Seen>,
+    pick: fn(&Seen) -> Option<SystemTime>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (node, seen) in nodes {
+        let Some(t) = pick(seen) else { continue };
+        let secs = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        ConstGauge::new(secs).encode(family.encode_family(&[("node", node.as_str())])?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -510,7 +510,7 @@ impl Server {
         }
         self.0.stats.sessions_accepted.inc();
         // It answered the HTTP/2 handshake just now.
-        self.0.reach.reached(&node);
+        self.0.reach.session_up(&node, identity::not_after(&der));
         self.log_session(
             "up",
             |more| tracing::info!(node = %node, %peer, session = id, "agent session up{more}"),

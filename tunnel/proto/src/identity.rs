@@ -20,6 +20,13 @@ pub fn node_uri(node: &str) -> String {
 }
 
 /// Reads the node ID from an end-entity certificate (DER).
+/// When a certificate expires (None: unparsable, which the handshake would have refused).
+pub fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 pub fn node_id_from_cert(der: &[u8]) -> Result<String> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| Error::Identity(format!("unparsable client certificate: {e}")))?;

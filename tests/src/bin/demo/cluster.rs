@@ -245,9 +245,13 @@ fn start_prometheus(w: &DemoWorld, tools: &Tools) -> LoggedProc {
             n = e.spec.name
         ));
     }
+    // The project's alert rules, and the master's own daemons as the PodMonitor scrapes them.
+    let rules = w.dir.join("rules.yaml");
+    std::fs::write(&rules, redirector_tests::monitoring::rules()).expect("rule file");
     // The scrape timeout must not exceed the interval.
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: edge-node-exporter\n    static_configs:\n{targets}"
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: edge-node-exporter\n    static_configs:\n{targets}  - job_name: edge-redirector-master\n    static_configs:\n      - targets: ['{SERVER_METRICS}', '{REDIRECTOR_METRICS}']\n",
+        s(&rules)
     );
     let config_file = w.dir.join("prometheus.yml");
     std::fs::write(&config_file, config).expect("prometheus config");

@@ -115,6 +115,7 @@ fn run(tools: &tools::Tools, keep: bool) -> bool {
     ok &= scenes::exec_half_close(&w);
     ok &= scenes::prometheus_scrapes_every_edge(&w, tools);
     ok &= scenes::status_and_metrics(&w, tools);
+    ok &= scenes::dashboard_panels(&w, tools);
 
     if keep {
         scenes::how_to_try(&w, tools);

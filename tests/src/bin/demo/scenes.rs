@@ -221,6 +221,8 @@ pub fn prometheus_scrapes_every_edge(w: &DemoWorld, tools: &Tools) -> bool {
             .as_array()
             .cloned()
             .unwrap_or_default();
+        // The master's own daemons are scraped too (the dashboard scene); these are the edges.
+        targets.retain(|t| t["labels"]["job"] == "edge-node-exporter");
         if targets.len() == w.edges.len() && targets.iter().all(|t| t["health"] == "up") {
             break;
         }
@@ -290,6 +292,116 @@ pub fn status_and_metrics(w: &DemoWorld, tools: &Tools) -> bool {
         r.contains("redirector_ambiguous_addresses 1"),
         "one ambiguous address",
     );
+    ok
+}
+
+/// A PromQL instant query against the demo's Prometheus: each result's labels and value.
+fn query(w: &DemoWorld, tools: &Tools, expr: &str) -> Vec<(serde_json::Value, String)> {
+    let url = format!(
+        "http://{}/api/v1/query?query={}",
+        cluster::PROMETHEUS,
+        url_escape(expr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&cluster::local_get(w, tools, &url)).unwrap_or_default();
+    v["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let value = r["value"][1].as_str().unwrap_or("?").to_owned();
+            (r["metric"].clone(), value)
+        })
+        .collect()
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The main panels of deploy/monitoring/dashboard.json as text, each query run by the demo's
+/// Prometheus (which scrapes the master's daemons and loads the project's alert rules).
+pub fn dashboard_panels(w: &DemoWorld, tools: &Tools) -> bool {
+    say(&format!(
+        "\n== The dashboard's main panels (deploy/monitoring/dashboard.json), queried from Prometheus at http://{}",
+        cluster::PROMETHEUS
+    ));
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(redirector_tests::monitoring::dir().join("dashboard.json"))
+            .expect("dashboard.json"),
+    )
+    .expect("dashboard JSON");
+    // The master's series arrive with the first scrapes and rates need two of them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while query(w, tools, "count(tunnel_server_node_reachable)").is_empty()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mut reachable = None;
+    for panel in dash["panels"].as_array().into_iter().flatten().take(6) {
+        say(&format!("   [{}]", panel["title"].as_str().unwrap_or("?")));
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or("");
+            let legend = t["legendFormat"].as_str().unwrap_or("");
+            let results = query(w, tools, expr);
+            if results.is_empty() {
+                let what = legend.replace("{{node}} ", "").replace("{{node}}", "");
+                say(&format!("      {what:<28} (none)"));
+            }
+            for (labels, value) in results {
+                let mut name = legend.to_owned();
+                for (k, v) in labels.as_object().into_iter().flatten() {
+                    name = name.replace(&format!("{{{{{k}}}}}"), v.as_str().unwrap_or(""));
+                }
+                if expr.starts_with("count(max by (node) (tunnel_server_node_reachable) == 1)") {
+                    reachable = value.parse::<f64>().ok();
+                }
+                say(&format!("      {name:<28} {value}"));
+            }
+        }
+    }
+    let v: serde_json::Value = serde_json::from_str(&cluster::local_get(
+        w,
+        tools,
+        &format!("http://{}/api/v1/rules", cluster::PROMETHEUS),
+    ))
+    .unwrap_or_default();
+    let rules: Vec<(String, String)> = v["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or("?").to_owned(),
+                r["state"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    let firing: Vec<&String> = rules
+        .iter()
+        .filter(|(_, s)| s != "inactive")
+        .map(|(n, _)| n)
+        .collect();
+    say(&format!(
+        "   alert rules loaded: {}; pending or firing: {firing:?}",
+        rules.len()
+    ));
+    let mut ok = check(
+        reachable == Some(w.edges.len() as f64),
+        "every edge node reachable on the dashboard",
+    );
+    ok &= check(rules.len() >= 10, "the project's alert rules loaded");
     ok
 }
 
