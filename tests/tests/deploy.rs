@@ -2,11 +2,7 @@
 //! from PyPI, installed by scripts/setup.sh), the kustomization lists every manifest, every
 //! flag and environment variable the manifests give the binaries exists, and every example
 //! config parses as the binaries parse it.
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use redirector::node_table::NodeTable;
 use redirector_tests::yaml::{deploy_dir, documents, venv};

@@ -64,18 +64,18 @@ impl ServerMetrics {
     /// rates and dashboards then show 0 instead of no data.
     fn zeroes(&self) {
         for why in tunnel_proto::wire::Refusal::ALL {
-            self.refused.get_or_create(&Reason {
+            let _ = self.refused.get_or_create(&Reason {
                 reason: why.label(),
             });
         }
         for direction in ["to_node", "from_node"] {
-            self.bytes.get_or_create(&Direction { direction });
+            let _ = self.bytes.get_or_create(&Direction { direction });
         }
         for result in ["ok", "failed"] {
-            self.node_checks.get_or_create(&CheckLabel { result });
+            let _ = self.node_checks.get_or_create(&CheckLabel { result });
         }
         for reason in ADMISSION_REASONS {
-            self.admission.get_or_create(&AdmissionLabel {
+            let _ = self.admission.get_or_create(&AdmissionLabel {
                 listener: "agents",
                 reason,
             });

@@ -558,6 +558,10 @@ impl Server {
         }
         self.0.stats.sessions.set(sessions.len() as i64);
         drop(sessions);
+        // The session's buffers are free now (see the agent's session end).
+        if let Some(t) = &self.0.cfg.trimmer {
+            t.idle();
+        }
         self.log_session("down", |more| match remaining {
             Some((next, at)) => {
                 tracing::info!(node = %node, session = id, next_session = next, next_peer = %at, "agent session down{more}; the node's other session takes its new streams")
