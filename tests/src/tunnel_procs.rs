@@ -236,6 +236,26 @@ pub struct Stack {
     pub redirector: crate::RedirectorProc,
 }
 
+impl Stack {
+    /// [`agent`] for `node` dialling this stack's server.
+    pub fn agent(
+        &mut self,
+        w: &World,
+        pki: &TestPki,
+        node: &str,
+        ports: &str,
+        dial: &str,
+    ) -> LoggedProc {
+        agent(w, pki, &mut self.server, node, self.agents_at, ports, dial)
+    }
+}
+
+/// A free loopback address in the master namespace (a metrics listener's).
+pub fn master_loopback(w: &World) -> SocketAddr {
+    let _m = w.master.enter();
+    crate::free_addr("127.0.0.1")
+}
+
 pub fn stack(w: &World, pki: &TestPki, redirector_args: &[&str]) -> Stack {
     stack_with(w, pki, redirector_args, &[])
 }

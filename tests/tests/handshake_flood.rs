@@ -90,15 +90,7 @@ fn a_real_agent_connects_at_once_while_5000_silent_connections_are_held_against_
 
     // The real agent, from the edge, while every silent connection is still open.
     let t = Instant::now();
-    let _agent = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let _agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     let session_after = t.elapsed();
     let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
     assert_eq!(replies(&v)[0].1, "edge 127.0.0.1:10250", "{v}");

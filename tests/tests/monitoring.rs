@@ -4,7 +4,7 @@
 //! package, unpacked by scripts/setup.sh. Root only (the metric check runs the stack).
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use redirector_tests::{World, free_addr, pki::TestPki, tunnel_procs, yaml::documents};
+use redirector_tests::{World, pki::TestPki, tunnel_procs, yaml::documents};
 
 fn monitoring() -> PathBuf {
     redirector_tests::monitoring::dir()
@@ -130,24 +130,13 @@ fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
 
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let redirector_metrics = {
-        let _m = w.master.enter();
-        free_addr("127.0.0.1")
-    };
+    let redirector_metrics = tunnel_procs::master_loopback(&w);
     let mut st = tunnel_procs::stack(
         &w,
         &pki,
         &["--metrics-listen", &redirector_metrics.to_string()],
     );
-    let _agent = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let _agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     let mut have = exported(&tunnel_procs::http_get(&w, st.metrics_at, "/metrics"));
     have.extend(exported(&tunnel_procs::http_get(
         &w,

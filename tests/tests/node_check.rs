@@ -41,15 +41,7 @@ fn a_hung_agent_is_unreachable_within_two_intervals_and_a_killed_one_at_once() {
             "30",
         ],
     );
-    let mut agent = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let mut agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     wait_value(&w, &st, REACHABLE_A, 1.0, Duration::from_secs(5));
     let text = tunnel_procs::http_get(&w, st.metrics_at, "/metrics");
     // Table nodes that never connected are listed, unreachable, with no last success.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redirector_common::program_names;
 use redirector_tests::{
-    World, free_addr,
+    World,
     pki::TestPki,
     scrape::{sample, wait_sample},
     tunnel_procs,
@@ -16,10 +16,7 @@ use redirector_tests::{
 fn a_detached_program_is_reported_and_attached_again_within_the_interval() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let metrics_at = {
-        let _m = w.master.enter();
-        free_addr("127.0.0.1")
-    };
+    let metrics_at = tunnel_procs::master_loopback(&w);
     let mut st = tunnel_procs::stack(
         &w,
         &pki,
@@ -30,15 +27,7 @@ fn a_detached_program_is_reported_and_attached_again_within_the_interval() {
             &metrics_at.to_string(),
         ],
     );
-    let _agent = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let _agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     let reply = |v: &serde_json::Value| v[0]["reply"].as_str().map(str::to_owned);
     let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
     assert_eq!(reply(&v).as_deref(), Some("edge 127.0.0.1:10250"), "{v}");

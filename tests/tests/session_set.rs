@@ -114,15 +114,7 @@ fn a_session_idle_after_a_burst_is_replaced_and_streams_flow_throughout() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
     let mut st = tunnel_procs::stack(&w, &pki, &[]);
-    let mut agent = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let mut agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     // A burst of 300 streams at once, over the agent's threshold (256): h2 keeps the session's
     // tables at that size, so once idle the agent replaces the session.
     let mut args = vec!["connect"];

@@ -13,24 +13,8 @@ fn a_connection_to_a_node_port_travels_redirector_server_and_that_nodes_agent() 
     // Keeps the redirector and the tunnel server alive for the whole test.
     let mut st = tunnel_procs::stack(&w, &pki, &[]);
     // edge-a's agent reaches its services on localhost, edge-b's on its node address.
-    let _a = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250,10255",
-        "127.0.0.1",
-    );
-    let _b = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-b",
-        st.agents_at,
-        "10250,10255",
-        "198.51.100.11",
-    );
+    let _a = st.agent(&w, &pki, "edge-a", "10250,10255", "127.0.0.1");
+    let _b = st.agent(&w, &pki, "edge-b", "10250,10255", "198.51.100.11");
 
     let v = w.probe(
         true,
@@ -116,15 +100,7 @@ fn a_stopping_server_refuses_new_connections_but_lets_open_streams_finish() {
     let pki = TestPki::new(&w.dir);
     // Keeps the redirector and the tunnel server alive for the whole test.
     let mut st = tunnel_procs::stack(&w, &pki, &[]);
-    let _a = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-a",
-        st.agents_at,
-        "10250",
-        "127.0.0.1",
-    );
+    let _a = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
 
     // An open stream (think `kubectl exec`), idle across the stop signal.
     let mut cmd = std::process::Command::new(redirector_tests::spawn::workspace_bin("probe"));
@@ -186,15 +162,7 @@ fn an_ipv6_node_address_travels_the_ipv6_ingress_to_that_nodes_agent() {
     let pki = TestPki::new(&w.dir);
     let mut st = tunnel_procs::stack(&w, &pki, &[]);
     // edge-v6's agent reaches its services on its own IPv6 address.
-    let _v6 = tunnel_procs::agent(
-        &w,
-        &pki,
-        &mut st.server,
-        "edge-v6",
-        st.agents_at,
-        "10250",
-        "2001:db8::10",
-    );
+    let _v6 = st.agent(&w, &pki, "edge-v6", "10250", "2001:db8::10");
 
     let v = w.probe(true, None, &["connect", "[2001:db8::10]:10250"]);
     let got = replies(&v);
