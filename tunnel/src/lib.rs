@@ -17,6 +17,7 @@
 //! signer), [`metrics`].
 pub mod admission;
 pub mod metrics;
+pub mod node_events;
 pub mod orig_dst;
 pub mod pki;
 pub mod reach;

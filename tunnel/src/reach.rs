@@ -34,15 +34,29 @@ pub struct Seen {
     /// When the certificate of its newest session expires: a node whose renewal is failing
     /// shows here first, and an edge agent behind NAT cannot be scraped to tell.
     pub cert_expires: Option<SystemTime>,
+    /// Since when it has been unreachable (None while reachable); a table node never seen is
+    /// unreachable since this server started.
+    pub down_since: Option<SystemTime>,
 }
 
 /// Shared by the server's sessions, streams and checker; cheap to lock (one map lookup).
-#[derive(Default)]
-pub struct Reach(Mutex<HashMap<Arc<str>, Seen>>);
+pub struct Reach {
+    nodes: Mutex<HashMap<Arc<str>, Seen>>,
+    started: SystemTime,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self {
+            nodes: Mutex::default(),
+            started: SystemTime::now(),
+        }
+    }
+}
 
 impl Reach {
     fn with(&self, node: &str, f: impl FnOnce(&mut Seen)) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         match m.get_mut(node) {
             Some(s) => f(s),
             None => f(m.entry(Arc::from(node)).or_default()),
@@ -54,6 +68,7 @@ impl Reach {
         self.with(node, |s| {
             s.reachable = true;
             s.last_reached = Some(SystemTime::now());
+            s.down_since = None;
         });
     }
 
@@ -63,16 +78,29 @@ impl Reach {
             s.reachable = true;
             s.last_reached = Some(SystemTime::now());
             s.cert_expires = expires.or(s.cert_expires);
+            s.down_since = None;
         });
     }
 
     /// Its last session ended, or a check went unanswered.
     pub fn lost(&self, node: &str) {
-        self.with(node, |s| s.reachable = false);
+        let started = self.started;
+        self.with(node, |s| {
+            if s.reachable || s.down_since.is_none() {
+                // A node first seen failing has been down since it was last reached, or for
+                // as long as this server knows.
+                s.down_since = Some(if s.reachable {
+                    SystemTime::now()
+                } else {
+                    s.last_reached.unwrap_or(started)
+                });
+            }
+            s.reachable = false;
+        });
     }
 
     pub fn get(&self, node: &str) -> Seen {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         m.get(node).copied().unwrap_or_default()
     }
 
@@ -86,10 +114,13 @@ impl Reach {
 
     /// Every node in `known` and every node ever seen, with what is known of it.
     pub fn snapshot(&self, known: impl IntoIterator<Item = String>) -> BTreeMap<String, Seen> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: BTreeMap<String, Seen> = m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         for n in known {
-            out.entry(n).or_default();
+            out.entry(n).or_insert(Seen {
+                down_since: Some(self.started),
+                ..Seen::default()
+            });
         }
         out
     }
@@ -174,6 +205,13 @@ mod tests {
         let s = r.get("edge-a");
         assert!(!s.reachable);
         assert!(s.last_reached.is_some(), "the last success is kept");
+        let since = s.down_since.expect("down since now");
+        r.lost("edge-a");
+        assert_eq!(
+            r.get("edge-a").down_since,
+            Some(since),
+            "a second failure keeps the start"
+        );
     }
 
     #[test]
@@ -182,7 +220,13 @@ mod tests {
         r.reached("edge-a");
         let snap = r.snapshot(["edge-a".to_owned(), "edge-b".to_owned()]);
         assert!(snap["edge-a"].reachable);
-        assert_eq!(snap["edge-b"], Seen::default());
+        assert!(snap["edge-a"].down_since.is_none());
+        assert!(!snap["edge-b"].reachable);
+        assert!(snap["edge-b"].last_reached.is_none());
+        assert!(
+            snap["edge-b"].down_since.is_some(),
+            "down since the server started"
+        );
     }
 
     #[test]

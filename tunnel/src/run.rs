@@ -59,6 +59,9 @@ pub struct Settings {
     pub limits: crate::admission::Limits,
     /// The node self-check's interval (None: off); see [`Server::check_nodes`].
     pub node_check_interval: Option<Duration>,
+    /// Post a Kubernetes Event on a Node unreachable this long, naming `instance` (this
+    /// replica); None: no Events.
+    pub node_events: Option<(Duration, String)>,
 }
 
 /// Everything the server listens on, bound by the caller (tests bind port 0).
@@ -107,6 +110,16 @@ pub async fn run(
     if let Some(every) = s.node_check_interval {
         let (srv, t) = (server.clone(), shutdown.clone());
         tokio::spawn(async move { srv.check_nodes(every, t).await });
+    }
+    if let Some((after, instance)) = &s.node_events {
+        let client = kube_client("--node-events-after").await?;
+        tokio::spawn(crate::node_events::run(
+            server.clone(),
+            client,
+            *after,
+            instance.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(ml) = listeners.metrics {
         tokio::spawn(crate::metrics::serve(

@@ -1,5 +1,5 @@
-//! Enrollment through the Kubernetes CSR API, against kube-rs's `tower-test` mock service (no
-//! kube-apiserver runs on these machines). The signer's requests interleave (the CSR watch,
+//! Enrollment through the Kubernetes CSR API, and the tunnel's Node Events, against kube-rs's
+//! `tower-test` mock service (no kube-apiserver runs on these machines). The signer's requests interleave (the CSR watch,
 //! approvals, status updates), so it is answered by a small fake API server behind the mock
 //! that records what it was asked; the agent's side is a strict request-by-request scenario.
 use std::{
@@ -296,4 +296,58 @@ async fn the_agent_files_a_csr_and_waits_for_its_certificate_or_its_denial() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_node_event_names_the_node_the_reason_and_this_replica() {
+    use tunnel::node_events::{Change, DOWN, UP, publish};
+    let (client, mut api) = mock();
+    let recorder = kube::runtime::events::Recorder::new(
+        client,
+        kube::runtime::events::Reporter {
+            controller: tunnel::node_events::CONTROLLER.into(),
+            instance: Some("master-1".into()),
+        },
+    );
+    let seen = tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        for _ in 0..2 {
+            let (req, send) = api.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::POST);
+            assert_eq!(
+                req.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/default/events"
+            );
+            let b = body(req).await;
+            send.send_response(respond(StatusCode::CREATED, &b));
+            bodies.push(b);
+        }
+        bodies
+    });
+    let down = Change::Down {
+        node: "edge-a".into(),
+        for_: Duration::from_secs(620),
+    };
+    publish(&recorder, &down, "master-1").await;
+    publish(
+        &recorder,
+        &Change::Up {
+            node: "edge-a".into(),
+        },
+        "master-1",
+    )
+    .await;
+    let bodies = tokio::time::timeout(Duration::from_secs(5), seen)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bodies[0]["regarding"]["kind"], "Node");
+    assert_eq!(bodies[0]["regarding"]["name"], "edge-a");
+    assert_eq!(bodies[0]["reason"], DOWN);
+    assert_eq!(bodies[0]["type"], "Warning");
+    let note = bodies[0]["note"].as_str().unwrap();
+    assert!(note.contains("master-1") && note.contains("620s"), "{note}");
+    assert_eq!(bodies[0]["reportingInstance"], "master-1");
+    assert_eq!(bodies[1]["reason"], UP);
+    assert_eq!(bodies[1]["type"], "Normal");
 }

@@ -87,6 +87,11 @@ pub struct ServerArgs {
     /// the checks off (a session still counts until it ends).
     #[arg(long, env = "TUNNEL_NODE_CHECK_INTERVAL", default_value = "300", value_parser = edge_cli::seconds::non_negative)]
     node_check_interval: Duration,
+    /// Seconds a node may stay unreachable through this server before a Warning Event
+    /// (`EdgeTunnelDown`) is posted on its Node, and a Normal one once it answers again; 0: no
+    /// Events. Needs the Kubernetes API (in-cluster service account or KUBECONFIG).
+    #[arg(long, env = "TUNNEL_NODE_EVENTS_AFTER", default_value = "0", value_parser = edge_cli::seconds::non_negative)]
+    node_events_after: Duration,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -192,6 +197,16 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         drain_deadline: DRAIN_DEADLINE,
         limits: a.limits.limits()?,
         node_check_interval: (!a.node_check_interval.is_zero()).then_some(a.node_check_interval),
+        // The Events name this replica: its pod (the manifest sets POD_NAME), else its host.
+        node_events: (!a.node_events_after.is_zero()).then(|| {
+            let instance = std::env::var("POD_NAME")
+                .or_else(|_| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_owned())
+                })
+                .unwrap_or_else(|_| "tunnel-server".into());
+            (a.node_events_after, instance)
+        }),
     };
     let metrics_at = a
         .common
