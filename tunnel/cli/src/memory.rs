@@ -60,7 +60,7 @@ const NO_TCACHE: &str = "glibc.malloc.tcache_count=0";
 pub fn without_thread_cache() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        use std::os::unix::process::CommandExt;
+        use std::{ffi::CString, os::unix::ffi::OsStrExt};
         let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         // SAFETY: getauxval reads the process's auxiliary vector.
         let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
@@ -72,13 +72,30 @@ pub fn without_thread_cache() {
         } else {
             format!("{current}:{NO_TCACHE}")
         };
-        let mut args = std::env::args_os();
-        let argv0 = args.next().unwrap_or_default();
-        let err = std::process::Command::new("/proc/self/exe")
-            .arg0(argv0)
-            .args(args)
-            .env("GLIBC_TUNABLES", tunables)
-            .exec();
+        let cstr = |b: &[u8]| CString::new(b).ok();
+        let args: Option<Vec<CString>> = std::env::args_os().map(|a| cstr(a.as_bytes())).collect();
+        let env: Option<Vec<CString>> = std::env::vars_os()
+            .filter(|(k, _)| k != "GLIBC_TUNABLES")
+            .map(|(k, v)| cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .chain(std::iter::once(cstr(
+                format!("GLIBC_TUNABLES={tunables}").as_bytes(),
+            )))
+            .collect();
+        let (Some(args), Some(env)) = (args, env) else {
+            return;
+        };
+        let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        let (argv, envp) = (ptrs(&args), ptrs(&env));
+        // execve itself, not std's Command: glibc's execvp runs a file the kernel cannot
+        // execute (ENOEXEC, as under qemu-user without binfmt) with /bin/sh instead of failing.
+        // SAFETY: NUL-terminated arrays of C strings that outlive the call.
+        unsafe { libc::execve(c"/proc/self/exe".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let err = std::io::Error::last_os_error();
         eprintln!(
             "warning: could not re-execute with {NO_TCACHE} ({err}); running with glibc's per-thread cache, so memory after bursts may stay higher (set GLIBC_TUNABLES={NO_TCACHE} to avoid this)"
         );
