@@ -4,7 +4,9 @@
 //! - `--streams` streams opened and closed, `--batch` at a time held open together;
 //! - edge-c's agent restarted (SIGTERM and SIGKILL in turn) and reconnecting;
 //! - a node added to the node table and the previous cycle's removed (both followers reload);
-//! - edge-a's certificate renewed (its agent opens a new session and drains the old one).
+//! - edge-a's certificate renewed (its agent opens a new session and drains the old one);
+//! - and, since every agent's session carries bursts of 333 streams, each agent replaces its
+//!   session once idle (the wait before each sample lets that finish).
 //!
 //! After every cycle, once nothing is in flight, it records RSS, descriptors, threads and
 //! async tasks of every process. Target: after the first cycle, anonymous RSS (heap and stacks;
@@ -219,6 +221,10 @@ fn main() -> Result<()> {
         st.server
             .wait_log_count(&["agent session up", "node=edge-a"], before + 1);
 
+        // An agent whose session carried a burst replaces it after a second of idle: let that
+        // start, so that the wait below covers its end too and every sample is of a quiet
+        // world (a sample in the middle of a replacement holds a second session).
+        std::thread::sleep(Duration::from_secs(2));
         // Nothing in flight: every node down to one session, no stream open.
         wait_until("sessions settle", Duration::from_secs(30), || {
             NODES.iter().all(|(n, _, _)| {
