@@ -363,12 +363,14 @@ async fn session(
     let (mut idle_ticks, mut recycle_asked, mut seen) = (0u32, false, 0usize);
     loop {
         let next = tokio::select! {
-            _ = idle_check.tick(), if !recycle_asked && !draining => {
+            // Only a session that reached the peak runs this timer: an ordinary session (and
+            // each of the fleet simulator's thousands) takes no wake-up for it.
+            _ = idle_check.tick(), if !recycle_asked && !draining && load.peak.load(Ordering::Relaxed) >= RECYCLE_PEAK => {
                 // Idle: nothing open now and nothing started since the last look.
                 let started = load.started.load(Ordering::Relaxed);
                 let busy = load.open.load(Ordering::Relaxed) > 0 || started != seen;
                 seen = started;
-                if load.peak.load(Ordering::Relaxed) < RECYCLE_PEAK || busy {
+                if busy {
                     idle_ticks = 0;
                     continue;
                 }
