@@ -38,6 +38,10 @@ struct Cli {
     /// How long the idle measurements (CPU, bytes on the wire) last.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Nodes dialled after the storm, spread across the fleet, each of which must be answered
+    /// by its own agent (0: every node).
+    #[arg(long, default_value_t = 100)]
+    sample: usize,
     #[arg(long, default_value = "target/bench/fleet.json")]
     out: PathBuf,
 }
@@ -392,9 +396,14 @@ fn main() -> Result<()> {
     for (text, count) in kinds.iter().take(5) {
         eprintln!("bench-fleet: storm log: {count} x {text:?}");
     }
-    // 100 nodes picked across the fleet, each dialled through the redirector: the answer must
-    // come from that node's own agent (the address only it dials).
-    let picks: Vec<usize> = (0..100).map(|k| k * n / 100).collect();
+    // Nodes picked across the fleet, each dialled through the redirector: the answer must come
+    // from that node's own agent (the address only it dials).
+    let sample = if cli.sample == 0 {
+        n
+    } else {
+        cli.sample.min(n)
+    };
+    let picks: Vec<usize> = (0..sample).map(|k| k * n / sample).collect();
     let (_, _, answered, misrouted_storm) = setup(&w, &picks);
     let misrouted = misrouted_few + misrouted_n + misrouted_storm;
     shutdown.cancel();
