@@ -12,11 +12,13 @@
 //!   hosts block); the node table is followed by `edge_model::follow`, as in the tunnel server.
 //! - [`nodes`]: Kubernetes Nodes (or a file) -> node table with tunnel addresses from a pool.
 //! - [`origdst`]: original-destination lookup for the ingress.
-//! - [`run`]: the long-running `redirector run` loop; [`status`], [`uninstall`] for the CLI.
+//! - [`run`]: the long-running `redirector run` loop; [`status`], [`explain`], [`uninstall`]
+//!   for the CLI.
 //! - [`cgroup`], [`bpffs`], [`sys`]: the host facts and raw syscalls underneath.
 pub mod bpffs;
 pub mod cgroup;
 pub mod error;
+pub mod explain;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

@@ -48,6 +48,10 @@ enum Command {
         #[command(subcommand)]
         action: PortsAction,
     },
+    /// Explain what happens to a connection to ADDR:PORT, step by step (programs, caller's
+    /// cgroup, port, address, ingress, tunnel session, agent allow-list), with a verdict and
+    /// the fix. Reads the pinned maps, the node table and the tunnel server's answer.
+    Explain(Box<ExplainArgs>),
     /// Detach every program and remove every link and pin.
     Uninstall,
     /// Keep a node table file in step with the edge nodes (Kubernetes Nodes, or a file), each
@@ -103,6 +107,33 @@ struct SyncArgs {
         default_value = "127.0.0.1:10270"
     )]
     metrics_listen: String,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("who").args(["pid", "cgroup"])))]
+struct ExplainArgs {
+    /// The destination a client dials, e.g. 198.51.100.10:10250 or [2001:db8::10]:10250.
+    target: SocketAddr,
+    /// Explain it for this process's connections [default: this command's own].
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Explain it for a process in this cgroup (absolute, or relative to the cgroup v2 mount).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The node table `redirector run` follows (names the nodes of an address).
+    #[arg(long, env = "REDIRECTOR_NODE_TABLE")]
+    node_table: Option<PathBuf>,
+    /// The tunnel server's metrics listener on this host (its --metrics-listen); `off` to ask
+    /// only the kernel's side.
+    #[arg(
+        long,
+        env = "REDIRECTOR_EXPLAIN_SERVER",
+        default_value = "127.0.0.1:10267"
+    )]
+    server: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -219,6 +250,28 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
             Ok(())
         }
         Command::SyncNodes(args) => sync_cmd(*args),
+        Command::Explain(a) => {
+            use redirector::explain::{Caller, Request, explain};
+            let caller = match (a.pid, a.cgroup) {
+                (Some(pid), _) => Caller::Pid(pid),
+                (None, Some(path)) => Caller::Cgroup(path),
+                (None, None) => Caller::This,
+            };
+            let e = explain(&Request {
+                target: a.target,
+                caller,
+                pin_dir: cli.pin_dir,
+                node_table: a.node_table,
+                server: parse_listen("--server", &a.server)?,
+            })?;
+            let text = if a.json {
+                serde_json::to_string_pretty(&e).expect("explanation serializes") + "\n"
+            } else {
+                e.to_string()
+            };
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            Ok(())
+        }
         Command::Uninstall => {
             let r = uninstall::uninstall(&cli.pin_dir)?;
             println!(

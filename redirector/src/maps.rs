@@ -211,6 +211,21 @@ impl PinnedMaps {
         }
     }
 
+    /// The kernel's entry for one node address (None: not an edge node address there).
+    pub fn node_value(&self, ip: std::net::IpAddr) -> Result<Option<NodeValue>> {
+        let r = match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.nodes4.get(&u32::from_ne_bytes(v4.octets()), 0),
+            std::net::IpAddr::V6(v6) => self
+                .nodes6
+                .get(&crate::node_table::ip6_words(&v6.octets()), 0),
+        };
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::ebpf(format!("looking up {ip}"), e)),
+        }
+    }
+
     /// (IPv4, IPv6) node addresses in the kernel maps.
     pub fn node_counts(&self) -> (usize, usize) {
         (

@@ -81,6 +81,8 @@ impl Default for AdmissionLimits {
 
 #[derive(Default)]
 struct State {
+    /// Follows `in_flight.len()` (a metric), if given.
+    gauge: Option<prometheus_client::metrics::gauge::Gauge>,
     next: u64,
     /// By admission order: the first is the oldest.
     in_flight: BTreeMap<u64, (IpAddr, Instant, CancellationToken)>,
@@ -88,8 +90,15 @@ struct State {
 }
 
 impl State {
+    fn counted(&self) {
+        if let Some(g) = &self.gauge {
+            g.set(self.in_flight.len() as i64);
+        }
+    }
+
     fn forget(&mut self, id: u64) -> Option<CancellationToken> {
         let (ip, _, evict) = self.in_flight.remove(&id)?;
+        self.counted();
         if let Some(n) = self.per_source.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -160,6 +169,12 @@ impl Admission {
         }
     }
 
+    /// Keeps `gauge` at the number of connections in flight.
+    pub fn counted_in(self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).gauge = Some(gauge);
+        self
+    }
+
     pub fn limits(&self) -> AdmissionLimits {
         self.limits
     }
@@ -189,6 +204,7 @@ impl Admission {
         s.in_flight
             .insert(id, (ip, Instant::now(), evicted.clone()));
         *s.per_source.entry(ip).or_default() += 1;
+        s.counted();
         (
             Some(Ticket {
                 id,

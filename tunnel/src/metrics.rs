@@ -27,6 +27,8 @@ pub struct CheckLabel {
 #[derive(Clone, Default)]
 pub struct ServerMetrics {
     pub sessions: Gauge,
+    /// Agent connections in their TLS handshake now (bounded by `--max-handshakes`).
+    pub handshakes_in_flight: Gauge,
     pub sessions_accepted: Counter,
     pub sessions_rejected: Counter,
     pub sessions_dead: Counter,
@@ -88,6 +90,11 @@ impl ServerMetrics {
             "tunnel_server_sessions",
             "Agent sessions currently up",
             self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_server_handshakes_in_flight",
+            "Agent connections in their TLS handshake now (at most --max-handshakes)",
+            self.handshakes_in_flight.clone(),
         );
         r.register(
             "tunnel_server_sessions_accepted",

@@ -122,10 +122,11 @@ pub async fn run(
         ));
     }
     if let Some(ml) = listeners.metrics {
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(edge_cli::http::serve_with_debug(
             ml,
             registry,
             Arc::new(|| true),
+            Some(crate::server::explain_handler(server.clone())),
             shutdown.clone(),
         ));
     }

@@ -30,7 +30,10 @@ use crate::{
     wire,
 };
 
+mod explain;
+
 pub use edge_model::routes::{Route, Routes};
+pub use explain::{debug_handler as explain_handler, replica_name};
 pub use tunnel_proto::wire::{NODE_HEADER, Refusal};
 
 /// Session up/down lines logged one by one per 10 s (each kind) before they are counted.
@@ -71,6 +74,8 @@ struct Session {
     id: u64,
     send: SendRequest<Bytes>,
     peer: SocketAddr,
+    /// When it came up (what `redirector explain` reports).
+    since: std::time::SystemTime,
     /// Cancelled when newer sessions of the node pushed this one over the bound.
     evicted: CancellationToken,
 }
@@ -132,11 +137,14 @@ impl Server {
     }
 
     fn with_routing(cfg: ServerConfig, routing: Routing) -> Self {
+        let stats = ServerMetrics::default();
         Server(Arc::new(Inner {
             routing,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
-            stats: ServerMetrics::default(),
+            agents_admission: Admission::new(cfg.limits.agents)
+                .counted_in(stats.handshakes_in_flight.clone()),
+            stats,
             connections: TaskTracker::new(),
             refused_warn: Mutex::new(edge_cli::warn_every::WarnKinds::new(Duration::from_secs(
                 10,
@@ -145,7 +153,6 @@ impl Server {
                 Duration::from_secs(10),
                 SESSION_LINES_PER_WINDOW,
             )),
-            agents_admission: Admission::new(cfg.limits.agents),
             ingress_held: Default::default(),
             reach: Reach::default(),
             cfg,
@@ -230,7 +237,7 @@ impl Server {
 
     async fn check_node(&self, node: &str, timeout: Duration) {
         let check = async {
-            let req = wire::health_request(node).map_err(|e| e.to_string())?;
+            let req = wire::health_request(node, 0).map_err(|e| e.to_string())?;
             let (resp, _body) = open_stream(self.candidates(node), req, true).await?;
             // Any answer is the agent's: an agent older than health streams refuses this one
             // (port 0 is never allowed), which proves the same.
@@ -504,6 +511,7 @@ impl Server {
                 id,
                 send,
                 peer,
+                since: std::time::SystemTime::now(),
                 evicted: evicted.clone(),
             });
             self.0.stats.sessions.set(sessions.len() as i64);

@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn the_health_stream_is_recognised_only_for_this_node() {
-        let health = tunnel_proto::wire::health_request("edge-a").unwrap();
+        let health = tunnel_proto::wire::health_request("edge-a", 0).unwrap();
         assert!(is_health(&health, "edge-a"));
         assert!(!is_health(&health, "edge-b"));
         let plain = tunnel_proto::wire::connect_request("edge-a", 10250).unwrap();

@@ -436,12 +436,22 @@ async fn serve_stream(
     respond: h2::server::SendResponse<Bytes>,
 ) {
     if crate::connect::is_health(&req, &cfg.node_id) {
+        // Answered here, never dialled, and not counted as a refusal: it is the server asking.
         let mut respond = respond;
-        let ok = http::Response::builder()
-            .status(http::StatusCode::OK)
-            .body(())
-            .expect("static response");
-        let _ = respond.send_response(ok, true);
+        let answer = match req.uri().port_u16().unwrap_or(0) {
+            0 => http::Response::builder().status(http::StatusCode::OK),
+            p if cfg.allowed_ports.contains(&p) => http::Response::builder()
+                .status(http::StatusCode::OK)
+                .header(tunnel_proto::wire::PORT_ALLOWED_HEADER, "1"),
+            _ => {
+                let _ = respond.send_response(
+                    tunnel_proto::wire::refusal_response(Refusal::PortNotAllowed),
+                    true,
+                );
+                return;
+            }
+        };
+        let _ = respond.send_response(answer.body(()).expect("static response"), true);
         return;
     }
     let port = match crate::connect::admit(&req, &cfg.node_id, &cfg.allowed_ports) {

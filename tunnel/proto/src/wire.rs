@@ -118,16 +118,22 @@ pub fn connect_request(node: &str, port: u16) -> http::Result<http::Request<()>>
         .body(())
 }
 
-/// Marks the server's health stream (the node self-check): the agent answers it itself, 200
-/// and end of stream, without dialling anything.
+/// Marks the server's health stream (the node self-check, and `redirector explain`): the agent
+/// answers it itself, without dialling anything.
 pub const HEALTH_HEADER: &str = "x-edge-health";
 
-/// A health stream for `node`. Port 0 is never allow-listed, so an agent that predates health
-/// streams refuses it, which still shows that it answers.
-pub fn health_request(node: &str) -> http::Result<http::Request<()>> {
+/// On a 200 answer to a health stream that names a port: the agent allows that port. An agent
+/// that answers 200 without it predates port checks, so whether it allows the port is unknown.
+pub const PORT_ALLOWED_HEADER: &str = "x-edge-port-allowed";
+
+/// A health stream for `node`. Port 0 asks only whether the agent answers (the self-check);
+/// another port also asks whether the agent allows it: 200 with [`PORT_ALLOWED_HEADER`] if so,
+/// its `port_not_allowed` refusal if not. Port 0 is never allow-listed, so an agent that
+/// predates health streams refuses the self-check's, which still shows that it answers.
+pub fn health_request(node: &str, port: u16) -> http::Result<http::Request<()>> {
     http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri("127.0.0.1:0")
+        .uri(format!("127.0.0.1:{port}"))
         .header(NODE_HEADER, node)
         .header(HEALTH_HEADER, "1")
         .body(())

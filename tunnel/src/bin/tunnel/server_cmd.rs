@@ -198,15 +198,8 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         limits: a.limits.limits()?,
         node_check_interval: (!a.node_check_interval.is_zero()).then_some(a.node_check_interval),
         // The Events name this replica: its pod (the manifest sets POD_NAME), else its host.
-        node_events: (!a.node_events_after.is_zero()).then(|| {
-            let instance = std::env::var("POD_NAME")
-                .or_else(|_| {
-                    std::fs::read_to_string("/proc/sys/kernel/hostname")
-                        .map(|h| h.trim().to_owned())
-                })
-                .unwrap_or_else(|_| "tunnel-server".into());
-            (a.node_events_after, instance)
-        }),
+        node_events: (!a.node_events_after.is_zero())
+            .then(|| (a.node_events_after, tunnel::server::replica_name())),
     };
     let metrics_at = a
         .common
