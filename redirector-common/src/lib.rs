@@ -45,6 +45,9 @@ pub mod node_flags {
     /// Two or more edge nodes share this address. The kernel still redirects (so the tunnel
     /// ingress can refuse it with a clear error naming the nodes); the ingress never routes it.
     pub const AMBIGUOUS: u32 = 1;
+    /// The redirector's ingress probe address (`--probe-address`), no node's: the tunnel
+    /// ingress answers a connection to it itself, which shows the whole redirect path works.
+    pub const PROBE: u32 = 2;
 }
 
 /// Value of the `PORTS` map (key: destination port, host byte order, `u16`).
@@ -102,6 +105,8 @@ pub mod orig_flags {
     pub const FROM_POD: u16 = 1;
     /// The destination node address carries [`crate::node_flags::AMBIGUOUS`].
     pub const AMBIGUOUS: u16 = 2;
+    /// The destination carries [`crate::node_flags::PROBE`].
+    pub const PROBE: u16 = 4;
 }
 
 /// Key of `ORIG_BY_TUPLE`: a redirected connection as the ingress sees it on `accept()`.

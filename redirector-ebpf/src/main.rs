@@ -174,12 +174,17 @@ fn plan(
     } else {
         0
     };
+    let probe = if node.flags & node_flags::PROBE != 0 {
+        orig_flags::PROBE
+    } else {
+        0
+    };
     remember(
         ctx,
         &OrigDst {
             ip,
             port,
-            flags: flags | ambiguous,
+            flags: flags | ambiguous | probe,
         },
     )?;
     bump(counter::REDIRECTED);

@@ -120,6 +120,38 @@ pub fn path_of_cgroup_id(id: u64) -> Option<PathBuf> {
     None
 }
 
+/// The cgroup v2 directory of `pid` (its `0::` line in /proc/PID/cgroup).
+pub fn of_pid(mount: &Path, pid: u32) -> Result<PathBuf> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text = fs::read_to_string(&file).map_err(|e| {
+        Error::Config(format!(
+            "reading {file}: {e} (is pid {pid} running, and visible here? In a container, \
+             run with the host's pid namespace)"
+        ))
+    })?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::Config(format!("{file} has no cgroup v2 line (0::)")))?;
+    Ok(mount.join(rel.trim().trim_start_matches('/')))
+}
+
+/// Whether `dir` is the cgroup `attached` (an id) or below it: ids are the directories'
+/// inode numbers on cgroup v2, so each ancestor up to the mount is compared.
+pub fn is_under(dir: &Path, attached: u64, mount: &Path) -> bool {
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if fs::metadata(p).is_ok_and(|m| m.ino() == attached) {
+            return true;
+        }
+        if p == mount {
+            break;
+        }
+        d = p.parent();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ pub mod maps;
 pub mod metrics;
 pub mod nodes;
 pub mod origdst;
+pub mod probe;
 pub mod run;
 pub mod self_check;
 pub mod status;

@@ -54,6 +54,10 @@ enum Command {
     Explain(Box<ExplainArgs>),
     /// Detach every program and remove every link and pin.
     Uninstall,
+    /// The ingress probe's helper (started by `run` inside the attached cgroup): dials the
+    /// target and prints the ingress's answer.
+    #[command(name = "__probe-connect", hide = true)]
+    ProbeConnect { target: SocketAddr },
     /// Keep a node table file in step with the edge nodes (Kubernetes Nodes, or a file), each
     /// with a unique tunnel address from a pool; `run` and `tunnel server` follow that file.
     SyncNodes(Box<SyncArgs>),
@@ -179,6 +183,11 @@ struct RunArgs {
     /// attached again (`redirector_path_ok`, `redirector_program_repairs_total`).
     #[arg(long, env = "REDIRECTOR_SELF_CHECK_INTERVAL", default_value = "30", value_parser = edge_cli::seconds::positive)]
     self_check_interval: Duration,
+    /// Ingress probe address (IPv4, no node's): every self-check interval a connection to it
+    /// from inside the attached cgroup must be answered by the tunnel ingress itself
+    /// (`redirector_ingress_ok`); `off` disables the probe.
+    #[arg(long, env = "REDIRECTOR_PROBE_ADDRESS", default_value = "192.0.0.8")]
+    probe_address: String,
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -250,6 +259,16 @@ fn dispatch(cli: Cli) -> redirector::Result<()> {
             Ok(())
         }
         Command::SyncNodes(args) => sync_cmd(*args),
+        Command::ProbeConnect { target } => match redirector::probe::connect(target) {
+            Ok(replica) => {
+                println!("{replica}");
+                Ok(())
+            }
+            Err(e) => {
+                println!("{e}");
+                std::process::exit(1)
+            }
+        },
         Command::Explain(a) => {
             use redirector::explain::{Caller, Request, explain};
             let caller = match (a.pid, a.cgroup) {
@@ -349,6 +368,14 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
         hosts_file: args.hosts_file,
         metrics_listen: parse_listen("--metrics-listen", &args.metrics_listen)?,
         self_check_interval: args.self_check_interval,
+        probe_address: match args.probe_address.as_str() {
+            "off" => None,
+            a => Some(a.parse().map_err(|_| {
+                redirector::Error::Config(format!(
+                    "--probe-address {a:?}: expected an IPv4 address (no node's) or off"
+                ))
+            })?),
+        },
     };
     block_on_until_signal(|shutdown| run(cfg, shutdown))
 }

@@ -87,6 +87,7 @@ impl OrigDstTable {
             addr: SocketAddr::new(ip, orig.port),
             from_pod: orig.flags & orig_flags::FROM_POD != 0,
             ambiguous: orig.flags & orig_flags::AMBIGUOUS != 0,
+            probe: orig.flags & orig_flags::PROBE != 0,
         }))
     }
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use edge_model::follow::{Follower, Snapshot};
-use redirector_common::{Config, Ingress};
+use redirector_common::{Config, Ingress, NodeValue, node_flags};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -41,8 +41,11 @@ pub struct RunConfig {
     pub hosts_file: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
     pub metrics_listen: Option<SocketAddr>,
-    /// How often the programs' attachment is checked (and a detached one attached again).
+    /// How often the programs' attachment is checked (and a detached one attached again),
+    /// and the ingress probed.
     pub self_check_interval: Duration,
+    /// The ingress probe's address (None: no probe). See [`crate::probe`].
+    pub probe_address: Option<std::net::Ipv4Addr>,
 }
 
 impl RunConfig {
@@ -127,7 +130,25 @@ fn apply_node_table(
         tracing::warn!(%ip, nodes = ?owners, "address shared by several nodes: connections to it will be refused by the tunnel; reach these nodes by their unique addresses");
     }
     ambiguous.store(shared, Ordering::Relaxed);
-    let stats = maps.sync_nodes(&table.kernel_entries(), cfg.install.max_node_addresses)?;
+    let mut entries = table.kernel_entries();
+    if let Some(p) = cfg.probe_address {
+        let owners = table.owners();
+        match owners.get(&std::net::IpAddr::V4(p)) {
+            // A node's address stays the node's: its clients matter more than the probe.
+            Some(nodes) => {
+                tracing::warn!(probe = %p, ?nodes, "the probe address (--probe-address) is a node's address: it stays the node's, and the ingress probe fails until another probe address is chosen")
+            }
+            None => {
+                entries.v4.insert(
+                    u32::from_ne_bytes(p.octets()),
+                    NodeValue {
+                        flags: node_flags::PROBE,
+                    },
+                );
+            }
+        }
+    }
+    let stats = maps.sync_nodes(&entries, cfg.install.max_node_addresses)?;
     tracing::info!(nodes = table.nodes.len(), added = stats.added, updated = stats.updated, removed = stats.removed, file = %cfg.node_table.display(), "node table applied");
     if let Some(path) = &cfg.hosts_file
         && crate::hosts::update(path, table)?
@@ -205,6 +226,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     );
     let cgroup_id = crate::cgroup::cgroup_id(&cfg.install.cgroup)?;
     let repairs = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let probes = crate::probe::Probes::default();
     let mut maps = PinnedMaps::open(&cfg.install.pin_dir)?;
     maps.set_config(&kernel_config(&cfg)?)?;
     let ports = adopt_ports(&mut maps, &cfg.ports)?;
@@ -232,6 +254,9 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
             "Times the self-check found programs detached and attached them again",
             repairs.clone(),
         );
+        if cfg.probe_address.is_some() {
+            probes.register(&mut registry);
+        }
         // Ready from here on: the programs are attached and the maps filled.
         tokio::spawn(edge_cli::http::serve(
             listener,
@@ -247,6 +272,15 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     }
     tracing::info!(ports = ?ports.now, "redirector ready");
 
+    if let (Some(addr), Some(_)) = (cfg.probe_address, cfg.host_ingress4) {
+        tokio::spawn(probes.clone().run(
+            addr,
+            cfg.install.pin_dir.clone(),
+            cfg.install.cgroup.clone(),
+            cfg.self_check_interval,
+            shutdown.clone(),
+        ));
+    }
     // The one node-table follower: polls, and reloads at once on SIGHUP.
     tokio::spawn(nodes.clone().run(cfg.reload_interval, shutdown.clone()));
     let mut flush = tokio::time::interval(cfg.reload_interval);

@@ -7,6 +7,8 @@
 //! failure). So `redirector run` checks each link every `--self-check-interval`, exports what it
 //! finds, and attaches a missing program again the way a start does.
 //!
+//! Whether redirected connections also arrive is the ingress probe's part ([`crate::probe`]).
+//!
 //! Metrics (read from the pins at scrape time, so a scrape never shows a stale answer):
 //! `redirector_program_attached{program}`, `redirector_path_ok` (every program attached at the
 //! expected cgroup), and `redirector_program_repairs_total`.

@@ -134,7 +134,13 @@ fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
     let mut st = tunnel_procs::stack(
         &w,
         &pki,
-        &["--metrics-listen", &redirector_metrics.to_string()],
+        &[
+            "--metrics-listen",
+            &redirector_metrics.to_string(),
+            // On by default in a deployment (192.0.0.8); here on a documentation address.
+            "--probe-address",
+            "203.0.113.254",
+        ],
     );
     let _agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     let mut have = exported(&tunnel_procs::http_get(&w, st.metrics_at, "/metrics"));

@@ -50,6 +50,8 @@ pub struct ServerMetrics {
     pub keepalive_rtt_us: Gauge,
     /// Health streams of the node self-check, by result (ok, failed).
     pub node_checks: Family<CheckLabel, Counter>,
+    /// The redirector's ingress probes answered (connections to its probe address).
+    pub ingress_probes: Counter,
 }
 
 /// Reasons an agent connection is closed before authentication (the `admission` family).
@@ -90,6 +92,11 @@ impl ServerMetrics {
             "tunnel_server_sessions",
             "Agent sessions currently up",
             self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_server_ingress_probes",
+            "Connections to the redirector's probe address, answered by this ingress itself",
+            self.ingress_probes.clone(),
         );
         r.register(
             "tunnel_server_handshakes_in_flight",

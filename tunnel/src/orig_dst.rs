@@ -66,5 +66,6 @@ pub fn take(sock: BorrowedFd<'_>, ipv6_socket: bool) -> io::Result<Option<Origin
         addr: d.addr,
         from_pod: d.flags & orig_flags::FROM_POD != 0,
         ambiguous: d.flags & orig_flags::AMBIGUOUS != 0,
+        probe: d.flags & orig_flags::PROBE != 0,
     }))
 }

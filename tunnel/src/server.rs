@@ -667,6 +667,24 @@ impl Server {
                 ),
             ));
         };
+        if orig.probe {
+            // The redirector's ingress probe: the path from connect() to here works. Answered
+            // here, never routed; the replica's name says which server took it.
+            self.0.stats.ingress_probes.inc();
+            let mut tcp = tcp;
+            let line = format!(
+                "{} {}\n",
+                edge_model::orig_dst::PROBE_REPLY,
+                explain::replica_name()
+            );
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, line.as_bytes()).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
+            return Ok(relay::Outcome {
+                tcp_to_stream: 0,
+                stream_to_tcp: line.len() as u64,
+                end: End::Closed,
+            });
+        }
         let route = self.route(&orig.addr.ip()).await;
         // Ambiguity is the kernel's verdict (it shipped it with the destination); the routes
         // only name the nodes. Routes that cannot name one node are never guessed either.

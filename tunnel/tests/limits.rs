@@ -95,6 +95,7 @@ async fn the_ingress_resets_connections_past_its_limit_and_takes_them_again_afte
                     addr: orig,
                     from_pod: false,
                     ambiguous: false,
+                    probe: false,
                 })
             },
             stop,

@@ -11,4 +11,10 @@ pub struct OriginalDst {
     /// The kernel's verdict: the address belongs to more than one node. The ingress refuses
     /// it, naming them; it never decides ambiguity a second time from its own copy.
     pub ambiguous: bool,
+    /// A connection to the redirector's ingress probe address: the ingress answers it itself
+    /// with [`PROBE_REPLY`] and a newline.
+    pub probe: bool,
 }
+
+/// The first word of the ingress's answer to a probe connection (then the replica's name).
+pub const PROBE_REPLY: &str = "edge-redirector-ingress-probe";

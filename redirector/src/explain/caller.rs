@@ -1,11 +1,7 @@
 //! Who the caller of an explained connection is: its cgroup (is it under the attached one?)
 //! and its network namespace (host or pod ingress?), from a pid, a cgroup path, or this
 //! process.
-use std::{
-    fs,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
-};
+use std::{fs, os::fd::AsRawFd, path::PathBuf};
 
 use crate::{
     cgroup,
@@ -39,7 +35,7 @@ impl Caller {
                 let pid = std::process::id();
                 Ok(Facts {
                     what: format!("this process (pid {pid})"),
-                    cgroup: cgroup_of_pid(&mount, pid)?,
+                    cgroup: cgroup::of_pid(&mount, pid)?,
                     netns_cookie: Some(
                         sys::current_netns_cookie()
                             .map_err(|e| Error::io("reading this network namespace's cookie", e))?,
@@ -48,7 +44,7 @@ impl Caller {
             }
             Caller::Pid(pid) => Ok(Facts {
                 what: format!("pid {pid} ({})", comm(*pid)),
-                cgroup: cgroup_of_pid(&mount, *pid)?,
+                cgroup: cgroup::of_pid(&mount, *pid)?,
                 netns_cookie: Some(netns_cookie_of_pid(*pid)?),
             }),
             Caller::Cgroup(p) => {
@@ -76,22 +72,6 @@ fn comm(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// The cgroup v2 directory of `pid` (its `0::` line in /proc/PID/cgroup).
-fn cgroup_of_pid(mount: &Path, pid: u32) -> Result<PathBuf> {
-    let file = format!("/proc/{pid}/cgroup");
-    let text = fs::read_to_string(&file).map_err(|e| {
-        Error::Config(format!(
-            "reading {file}: {e} (is pid {pid} running, and visible here? In a container, \
-             run with the host's pid namespace)"
-        ))
-    })?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| Error::Config(format!("{file} has no cgroup v2 line (0::)")))?;
-    Ok(mount.join(rel.trim().trim_start_matches('/')))
-}
-
 /// The network namespace cookie of `pid`: a socket made by a thread that joined its namespace.
 fn netns_cookie_of_pid(pid: u32) -> Result<u64> {
     let ns = format!("/proc/{pid}/ns/net");
@@ -112,20 +92,4 @@ fn netns_cookie_of_pid(pid: u32) -> Result<u64> {
         .join()
         .unwrap_or_else(|_| Err(Error::Config("the namespace probe thread panicked".into())))
     })
-}
-
-/// Whether `dir` is the cgroup `attached` (an id) or below it: ids are the directories'
-/// inode numbers on cgroup v2, so each ancestor up to the mount is compared.
-pub fn under(dir: &Path, attached: u64, mount: &Path) -> bool {
-    let mut d = Some(dir);
-    while let Some(p) = d {
-        if fs::metadata(p).is_ok_and(|m| m.ino() == attached) {
-            return true;
-        }
-        if p == mount {
-            break;
-        }
-        d = p.parent();
-    }
-    false
 }

@@ -143,7 +143,7 @@ pub fn explain(req: &Request) -> Result<Explanation> {
     b.step("program", true, format!("{prog} is attached to {attached}"));
 
     // 2. The caller under that cgroup: only its sockets see the programs.
-    let inside = caller::under(&facts.cgroup, link.cgroup_id, &mount);
+    let inside = cgroup::is_under(&facts.cgroup, link.cgroup_id, &mount);
     b.step(
         "caller",
         inside,
@@ -220,10 +220,13 @@ pub fn explain(req: &Request) -> Result<Explanation> {
         });
     };
     let ambiguous = value.flags & node_flags::AMBIGUOUS != 0;
+    let probe = value.flags & node_flags::PROBE != 0;
     b.step(
         "address",
         !ambiguous,
-        if ambiguous {
+        if probe {
+            format!("{ip} is the redirector's ingress probe address (--probe-address), no node's")
+        } else if ambiguous {
             format!("{ip} is shared by several nodes (ambiguous in the kernel's node map); node table: {named}")
         } else {
             format!("{ip} is an edge node's address; node table: {named}")
@@ -269,6 +272,17 @@ pub fn explain(req: &Request) -> Result<Explanation> {
         true,
         format!("{whose} caller, {family}: the kernel rewrites it to {at}"),
     );
+    if probe {
+        return Ok(b.end(
+            Verdict::Redirected,
+            None,
+            None,
+            format!(
+                "redirected to {at}, where the tunnel ingress answers the probe itself (no node)"
+            ),
+            None,
+        ));
+    }
     if ambiguous && req.server.is_none() {
         return Ok(b.end(
             Verdict::Refused,

@@ -293,6 +293,7 @@ pub async fn redirected(
                 addr: orig,
                 from_pod: false,
                 ambiguous: false,
+                probe: false,
             }),
         )
         .await

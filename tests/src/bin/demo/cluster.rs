@@ -180,6 +180,11 @@ pub fn start(w: &DemoWorld, tools: &Tools) -> Cluster {
             &s(&ready_file),
             "--reload-interval",
             "0.5",
+            // The ingress probe, on a documentation address (192.0.0.8 by default).
+            "--probe-address",
+            "192.0.2.254",
+            "--self-check-interval",
+            "5",
         ],
     );
     let mut redirector = LoggedProc::start(&w.dir, "redirector", cmd);
