@@ -123,6 +123,20 @@ impl Error {
             src = s.source();
         }
         let what = what.into();
+        // The verifier refuses a program with EACCES too: with its log, that is no
+        // permission problem, and the log's last lines say what it refused.
+        let verifier = detail
+            .split_once("Verifier output:")
+            .map(|(_, log)| log.trim())
+            .filter(|log| !log.is_empty());
+        if let Some(log) = verifier {
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Error::Ebpf {
+                what,
+                detail: format!("the kernel's verifier refused it: ...\n{}", tail.join("\n")),
+            };
+        }
         if detail.contains("Operation not permitted") || detail.contains("Permission denied") {
             return Error::Permission { action: what };
         }
