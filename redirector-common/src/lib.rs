@@ -109,6 +109,22 @@ pub mod orig_flags {
     pub const PROBE: u16 = 4;
 }
 
+/// Who opened a redirected connection, recorded by the `*_audit` variants of connect4/6
+/// (`redirector run --record-callers`) for the tunnel server's audit trail.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// Thread group id (the process id) in the initial pid namespace.
+    pub pid: u32,
+    pub _pad: u32,
+    /// The cgroup v2 id (the directory's inode number) of the calling task.
+    pub cgroup_id: u64,
+    /// The caller's network namespace cookie (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// The task's command name, NUL padded.
+    pub comm: [u8; 16],
+}
+
 /// Key of `ORIG_BY_TUPLE`: a redirected connection as the ingress sees it on `accept()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -132,7 +148,9 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 7] = [
+    pub const CALLER_BY_COOKIE: &str = "CALLER_BY_COOKIE";
+    pub const CALLER_BY_TUPLE: &str = "CALLER_BY_TUPLE";
+    pub const ALL: [&str; 9] = [
         NODES4,
         NODES6,
         PORTS,
@@ -140,6 +158,8 @@ pub mod map_names {
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
         COUNTERS,
+        CALLER_BY_COOKIE,
+        CALLER_BY_TUPLE,
     ];
 }
 
@@ -151,6 +171,10 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "orig_getpeername6";
     pub const SOCK_OPS: &str = "publish_sock_ops";
     pub const GETSOCKOPT: &str = "orig_getsockopt";
+    /// The variants of CONNECT4/6 that also record the caller ([`crate::Caller`]); loaded in
+    /// their place with `--record-callers` (Linux 6.1+), pinned under the same names.
+    pub const CONNECT4_AUDIT: &str = "redirect_connect4_audit";
+    pub const CONNECT6_AUDIT: &str = "redirect_connect6_audit";
     pub const ALL: [&str; 6] = [
         CONNECT4,
         CONNECT6,
@@ -172,6 +196,10 @@ pub mod capacity {
     pub const ORIG_BY_COOKIE: u32 = 65_536;
     /// Established redirected connections waiting for the ingress's `accept()` (LRU).
     pub const ORIG_BY_TUPLE: u32 = 65_536;
+    /// Callers of redirected sockets, by cookie (LRU); empty unless callers are recorded.
+    pub const CALLER_BY_COOKIE: u32 = 16_384;
+    /// Callers of established redirected connections, until the ingress reads them (LRU).
+    pub const CALLER_BY_TUPLE: u32 = 16_384;
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.
@@ -253,6 +281,10 @@ mod tests {
     #[test]
     fn names_are_consistent() {
         assert_eq!(counter::NAMES.len(), counter::LEN as usize);
-        assert_eq!(map_names::ALL.len(), 7);
+        assert_eq!(map_names::ALL.len(), 9);
+        // Every map once: uninstall removes the pins by this list.
+        for (i, a) in map_names::ALL.iter().enumerate() {
+            assert!(!map_names::ALL[i + 1..].contains(a), "{a} twice");
+        }
     }
 }

@@ -52,6 +52,51 @@ pub struct Answer6 {
     pub flags: u16,
 }
 
+/// `getsockopt(SOL_IP or SOL_IPV6, SO_ORIGINAL_CALLER)` on an accepted ingress socket: the
+/// program answers with a [`CallerAnswer`] (taken: read once) when the caller was recorded.
+/// No kernel option has this number, so without an answer the call fails (ENOPROTOOPT).
+pub const SO_ORIGINAL_CALLER: i32 = 0x5244;
+/// The first word of a [`CallerAnswer`].
+pub const CALLER_MAGIC: u32 = (MARK as u32) << 16 | 2;
+
+/// What the program writes for `SO_ORIGINAL_CALLER`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerAnswer {
+    pub magic: u32,
+    pub pid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub comm: [u8; 16],
+}
+
+pub const CALLER_ANSWER_LEN: usize = core::mem::size_of::<CallerAnswer>();
+
+/// Reads a [`CallerAnswer`]; `None` if it is not one.
+pub fn decode_caller(b: &[u8]) -> Option<CallerAnswer> {
+    if b.len() < CALLER_ANSWER_LEN {
+        return None;
+    }
+    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_ne_bytes(w)
+    };
+    if u32_at(0) != CALLER_MAGIC {
+        return None;
+    }
+    let mut comm = [0u8; 16];
+    comm.copy_from_slice(&b[24..40]);
+    Some(CallerAnswer {
+        magic: CALLER_MAGIC,
+        pid: u32_at(4),
+        cgroup_id: u64_at(8),
+        netns_cookie: u64_at(16),
+        comm,
+    })
+}
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -147,6 +192,23 @@ mod tests {
             decode(bytes(&a)).unwrap().addr,
             "203.0.113.9:10255".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn a_caller_answer_reads_back_and_others_do_not() {
+        assert_eq!(CALLER_ANSWER_LEN, 40);
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"probe");
+        let a = CallerAnswer {
+            magic: CALLER_MAGIC,
+            pid: 4242,
+            cgroup_id: 77,
+            netns_cookie: 4096,
+            comm,
+        };
+        assert_eq!(decode_caller(bytes(&a)), Some(a));
+        assert_eq!(decode_caller(&bytes(&a)[..39]), None);
+        assert_eq!(decode_caller(&[0u8; 40]), None);
     }
 
     #[test]

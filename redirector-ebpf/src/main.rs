@@ -17,6 +17,10 @@
 //!    tunnel server needs no capability to read the map. It runs for every getsockopt() in
 //!    the cgroup, so anything else returns at once.
 //!
+//! With `--record-callers` the `*_audit` variants of step 1 also store who connected (pid,
+//! command, cgroup, network namespace) under the cookie; step 2 moves it to `CALLER_BY_TUPLE`,
+//! and step 4 answers it for the private `SO_ORIGINAL_CALLER` (the audit trail).
+//!
 //! Kernel quirks that shape the code: `user_ip6` and `local_ip6`/`remote_ip6` may only be
 //! accessed one 32-bit word at a time (the verifier rejects the 64-bit loads LLVM likes to merge
 //! adjacent words into), hence the volatile word accesses; sock_ops' `remote_port` holds the
@@ -32,13 +36,16 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirector_common::{
-    Config, Ingress, Ip6Words, NodeValue, OrigDst, PortValue, SockTuple, capacity, counter,
+    Caller, Config, Ingress, Ip6Words, NodeValue, OrigDst, PortValue, SockTuple, capacity, counter,
     is_v4_mapped, node_flags, orig_flags,
     sockopt::{self, Answer4, Answer6},
     v4_mapped,
@@ -64,6 +71,14 @@ static ORIG_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
     LruHashMap::pinned(capacity::ORIG_BY_TUPLE, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+/// socket cookie -> who connected; written only by the `*_audit` connect programs.
+#[map]
+static CALLER_BY_COOKIE: LruHashMap<u64, Caller> =
+    LruHashMap::pinned(capacity::CALLER_BY_COOKIE, 0);
+/// 4-tuple seen by the ingress -> who connected; the ingress takes what it reads.
+#[map]
+static CALLER_BY_TUPLE: LruHashMap<SockTuple, Caller> =
+    LruHashMap::pinned(capacity::CALLER_BY_TUPLE, 0);
 
 const ALLOW: i32 = 1;
 /// connect() fails with EPERM: used only when a redirect cannot be recorded, because a
@@ -148,9 +163,10 @@ fn sock_addr(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
 
 /// The decision shared by connect4 and connect6: is (node, port) redirected, to which ingress?
 /// On Ok(Some) the original destination is recorded and the caller rewrites the address.
-/// Counters are bumped here, once per connect().
+/// Counters are bumped here, once per connect(). `AUDIT` also records who connected: the
+/// helpers for that (pid, comm) exist in cgroup programs from Linux 6.1, hence a variant.
 #[inline(always)]
-fn plan(
+fn plan<const AUDIT: bool>(
     ctx: &SockAddrContext,
     node: Option<&NodeValue>,
     ip: Ip6Words,
@@ -187,18 +203,44 @@ fn plan(
             flags: flags | ambiguous | probe,
         },
     )?;
+    if AUDIT {
+        record_caller(ctx);
+    }
     bump(counter::REDIRECTED);
     Ok(Some(ingress))
 }
 
+/// Best effort: a caller that cannot be recorded leaves its audit line without one, and
+/// never fails the connection.
+#[inline(always)]
+fn record_caller(ctx: &SockAddrContext) {
+    let caller = Caller {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = CALLER_BY_COOKIE.insert(&cookie, &caller, BPF_ANY as u64);
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    match try_connect4(&ctx) {
+    match try_connect4::<false>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4_audit(ctx: SockAddrContext) -> i32 {
+    match try_connect4::<true>(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_connect4<const AUDIT: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = sock_addr(ctx);
     if unsafe { (*sa).type_ } != SOCK_STREAM {
         return Ok(ALLOW);
@@ -206,7 +248,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let ip4 = unsafe { (*sa).user_ip4 };
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     let node = unsafe { NODES4.get(&ip4) };
-    if let Some(ingress) = plan(ctx, node, v4_mapped(ip4), port, false)? {
+    if let Some(ingress) = plan::<AUDIT>(ctx, node, v4_mapped(ip4), port, false)? {
         unsafe {
             (*sa).user_ip4 = ingress.ip[3];
             (*sa).user_port = u32::from(ingress.port.to_be());
@@ -217,12 +259,20 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
-    match try_connect6(&ctx) {
+    match try_connect6::<false>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
-fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6_audit(ctx: SockAddrContext) -> i32 {
+    match try_connect6::<true>(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_connect6<const AUDIT: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = sock_addr(ctx);
     if unsafe { (*sa).type_ } != SOCK_STREAM {
         return Ok(ALLOW);
@@ -237,7 +287,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     } else {
         unsafe { NODES6.get(&ip) }
     };
-    if let Some(ingress) = plan(ctx, node, ip, port, !mapped)? {
+    if let Some(ingress) = plan::<AUDIT>(ctx, node, ip, port, !mapped)? {
         write_ip6(unsafe { addr_of_mut!((*sa).user_ip6) }, &ingress.ip);
         unsafe { (*sa).user_port = u32::from(ingress.port.to_be()) };
     }
@@ -312,12 +362,17 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
             } else {
                 bump(counter::ORIG_DST_MISS);
             }
+            if let Some(caller) = unsafe { CALLER_BY_COOKIE.get(&cookie) } {
+                let caller = *caller;
+                let _ = CALLER_BY_TUPLE.insert(&tuple, &caller, BPF_ANY as u64);
+            }
         }
         _ => {
             // STATE_CB: args[1] is the new state. The tuple entry is NOT removed here: a
             // client may close before the ingress accepts, and the ingress still needs it.
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 let _ = ORIG_BY_COOKIE.remove(&cookie);
+                let _ = CALLER_BY_COOKIE.remove(&cookie);
             }
         }
     }
@@ -355,9 +410,13 @@ fn client_tuple(ctx: &SockOpsContext) -> Option<SockTuple> {
 pub fn orig_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
     let (level, optname) = unsafe { ((*so).level, (*so).optname) };
-    if optname != sockopt::SO_ORIGINAL_DST
-        || (level != sockopt::SOL_IP && level != sockopt::SOL_IPV6)
-    {
+    if level != sockopt::SOL_IP && level != sockopt::SOL_IPV6 {
+        return ALLOW;
+    }
+    if optname == sockopt::SO_ORIGINAL_CALLER {
+        return answer_caller(&ctx);
+    }
+    if optname != sockopt::SO_ORIGINAL_DST {
         return ALLOW;
     }
     let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
@@ -414,6 +473,45 @@ pub fn orig_getsockopt(ctx: SockoptContext) -> i32 {
     }
     unsafe { (*so).retval = 0 };
     let _ = ORIG_BY_TUPLE.remove(&key);
+    ALLOW
+}
+
+/// Answers `SO_ORIGINAL_CALLER` from `CALLER_BY_TUPLE` (taken), if the caller was recorded.
+#[inline(always)]
+fn answer_caller(ctx: &SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
+    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
+    let optlen = unsafe { (*so).optlen };
+    if optlen < sockopt::CALLER_ANSWER_LEN as i32
+        || unsafe { optval.add(sockopt::CALLER_ANSWER_LEN) } > end
+    {
+        return ALLOW;
+    }
+    let Some(key) = ingress_tuple(ctx) else {
+        return ALLOW;
+    };
+    let Some(c) = (unsafe { CALLER_BY_TUPLE.get(&key) }).copied() else {
+        return ALLOW;
+    };
+    let answer = sockopt::CallerAnswer {
+        magic: sockopt::CALLER_MAGIC,
+        pid: c.pid,
+        cgroup_id: c.cgroup_id,
+        netns_cookie: c.netns_cookie,
+        comm: c.comm,
+    };
+    // One 32-bit store each: adjacent plain stores get merged into a 64-bit one, which the
+    // verifier refuses on the sockopt context.
+    unsafe {
+        write_volatile(optval as *mut sockopt::CallerAnswer, answer);
+        write_volatile(
+            addr_of_mut!((*so).optlen),
+            sockopt::CALLER_ANSWER_LEN as i32,
+        );
+        write_volatile(addr_of_mut!((*so).retval), 0);
+    }
+    let _ = CALLER_BY_TUPLE.remove(&key);
     ALLOW
 }
 

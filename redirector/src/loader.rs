@@ -42,6 +42,9 @@ pub struct InstallOptions {
     pub pin_dir: PathBuf,
     /// Capacity of each node map (IPv4, IPv6). Fixed once the maps are pinned.
     pub max_node_addresses: u32,
+    /// Load the connect programs that also record who connected (`--record-callers`); a
+    /// kernel without their helpers (before 6.1) gets the plain ones, with a warning.
+    pub record_callers: bool,
 }
 
 /// A live installation: the loaded object (its programs stay referenced by the pinned links
@@ -212,14 +215,25 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
         attached: Vec::new(),
     };
     for p in &PROGRAMS {
-        let prog = installed
-            .ebpf
-            .program_mut(p.name)
-            .ok_or_else(|| Error::Ebpf {
-                what: format!("program {}", p.name),
-                detail: "missing from the object".into(),
-            })?;
         let link_path = link_pin(&opts.pin_dir, p.name);
+        if let Some(audit) = opts.record_callers.then(|| audit_variant(p.name)).flatten() {
+            let prog = program(&mut installed.ebpf, audit)?;
+            let prog: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_error(p, e))?;
+            match place(p, prog, &link_path, &cgroup_fd) {
+                Ok(adopted) => {
+                    pin_program(&mut installed.ebpf, audit, p.name, &opts.pin_dir)?;
+                    installed.record(p.name, adopted);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        program = audit,
+                        "callers are not recorded (--record-callers): this kernel does not load {audit} ({e}); it needs Linux 6.1+ for bpf_get_current_pid_tgid and bpf_get_current_comm in cgroup programs. Audit lines carry no caller; redirection is unaffected"
+                    );
+                }
+            }
+        }
+        let prog = program(&mut installed.ebpf, p.name)?;
         let adopted = if p.name == program_names::SOCK_OPS {
             let prog: &mut SockOps = prog.try_into().map_err(|e| load_error(p, e))?;
             place(p, prog, &link_path, &cgroup_fd)?
@@ -230,14 +244,36 @@ fn install_inner(opts: &InstallOptions) -> Result<Installed> {
             let prog: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_error(p, e))?;
             place(p, prog, &link_path, &cgroup_fd)?
         };
-        pin_program(&mut installed.ebpf, p.name, &opts.pin_dir)?;
-        if adopted {
-            installed.adopted.push(p.name)
-        } else {
-            installed.attached.push(p.name)
-        }
+        pin_program(&mut installed.ebpf, p.name, p.name, &opts.pin_dir)?;
+        installed.record(p.name, adopted);
     }
     Ok(installed)
+}
+
+impl Installed {
+    fn record(&mut self, name: &'static str, adopted: bool) {
+        if adopted {
+            self.adopted.push(name)
+        } else {
+            self.attached.push(name)
+        }
+    }
+}
+
+/// The caller-recording variant of a connect program.
+fn audit_variant(name: &str) -> Option<&'static str> {
+    match name {
+        program_names::CONNECT4 => Some(program_names::CONNECT4_AUDIT),
+        program_names::CONNECT6 => Some(program_names::CONNECT6_AUDIT),
+        _ => None,
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, elf: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(elf).ok_or_else(|| Error::Ebpf {
+        what: format!("program {elf}"),
+        detail: "missing from the object".into(),
+    })
 }
 
 /// The program kinds we attach to a cgroup, seen the same way.
@@ -331,7 +367,8 @@ fn place(
     Ok(false)
 }
 
-fn pin_program(ebpf: &mut Ebpf, name: &str, pin_dir: &Path) -> Result<()> {
+/// Pins the loaded program `elf` under `name` (a variant takes its plain program's name).
+fn pin_program(ebpf: &mut Ebpf, elf: &str, name: &str, pin_dir: &Path) -> Result<()> {
     let path = program_pin(pin_dir, name);
     // A previous version's program stays loaded only while something references it; drop its
     // pin so the new one can take the name (the link already runs the new program).
@@ -339,7 +376,7 @@ fn pin_program(ebpf: &mut Ebpf, name: &str, pin_dir: &Path) -> Result<()> {
         fs::remove_file(&path)
             .map_err(|e| Error::io(format!("removing old pin {}", path.display()), e))?;
     }
-    let prog = ebpf.program_mut(name).expect("program checked above");
+    let prog = ebpf.program_mut(elf).expect("program checked above");
     prog.pin(&path)
         .map_err(|e| Error::ebpf(format!("pinning program {}", path.display()), e))
 }

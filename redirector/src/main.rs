@@ -188,6 +188,11 @@ struct RunArgs {
     /// (`redirector_ingress_ok`); `off` disables the probe.
     #[arg(long, env = "REDIRECTOR_PROBE_ADDRESS", default_value = "192.0.0.8")]
     probe_address: String,
+    /// Record who opens each redirected connection (pid, command, cgroup, network namespace)
+    /// for the tunnel server's audit trail (`tunnel server --audit-log`). Needs Linux 6.1+;
+    /// older kernels redirect as usual, without callers.
+    #[arg(long, env = "REDIRECTOR_RECORD_CALLERS")]
+    record_callers: bool,
     /// File created once the redirector is attached and its maps are filled.
     #[arg(long, env = "REDIRECTOR_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -356,6 +361,7 @@ fn run_cmd(pin_dir: PathBuf, args: RunArgs) -> redirector::Result<()> {
             cgroup: cgroup::attach_point(args.cgroup.as_deref())?,
             pin_dir,
             max_node_addresses: args.max_node_addresses,
+            record_callers: args.record_callers,
         },
         node_table: args.node_table,
         ports: args.ports.into_iter().collect::<BTreeSet<_>>(),

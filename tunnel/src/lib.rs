@@ -16,6 +16,7 @@
 //! settings: listeners, PKI, node table, drain), [`pki`] (CA, tokens, enrollment endpoint, CSR
 //! signer), [`metrics`].
 pub mod admission;
+pub mod audit;
 pub mod metrics;
 pub mod node_events;
 pub mod orig_dst;

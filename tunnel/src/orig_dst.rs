@@ -10,15 +10,24 @@ use std::{
 use edge_model::OriginalDst;
 use redirector_common::{orig_flags, sockopt};
 
-/// One `getsockopt` into `buf`; returns the length the kernel wrote.
+/// One `getsockopt(SO_ORIGINAL_DST)` into `buf`; returns the length the kernel wrote.
 fn getsockopt(fd: BorrowedFd<'_>, level: i32, buf: &mut [u8]) -> io::Result<usize> {
+    getsockopt_named(fd, level, sockopt::SO_ORIGINAL_DST, buf)
+}
+
+fn getsockopt_named(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    optname: i32,
+    buf: &mut [u8],
+) -> io::Result<usize> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: buf is valid for `len` bytes, and len is a valid socklen_t the kernel updates.
     let r = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             level,
-            sockopt::SO_ORIGINAL_DST,
+            optname,
             buf.as_mut_ptr().cast(),
             &mut len,
         )
@@ -68,4 +77,17 @@ pub fn take(sock: BorrowedFd<'_>, ipv6_socket: bool) -> io::Result<Option<Origin
         ambiguous: d.flags & orig_flags::AMBIGUOUS != 0,
         probe: d.flags & orig_flags::PROBE != 0,
     }))
+}
+
+/// Who opened an accepted redirected connection, if the redirector recorded it
+/// (`redirector run --record-callers`); taken, like the original destination.
+pub fn take_caller(sock: BorrowedFd<'_>, ipv6_socket: bool) -> Option<sockopt::CallerAnswer> {
+    let mut buf = [0u8; sockopt::CALLER_ANSWER_LEN];
+    let level = if ipv6_socket {
+        sockopt::SOL_IPV6
+    } else {
+        sockopt::SOL_IP
+    };
+    let n = getsockopt_named(sock, level, sockopt::SO_ORIGINAL_CALLER, &mut buf).ok()?;
+    sockopt::decode_caller(&buf[..n])
 }

@@ -62,6 +62,8 @@ pub struct Settings {
     /// Post a Kubernetes Event on a Node unreachable this long, naming `instance` (this
     /// replica); None: no Events.
     pub node_events: Option<(Duration, String)>,
+    /// The per-stream audit trail's file (`-`: stdout); None: off. See [`crate::audit`].
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Everything the server listens on, bound by the caller (tests bind port 0).
@@ -97,12 +99,35 @@ pub async fn run(
     cfg.keepalive = s.keepalive;
     cfg.limits = s.limits;
     cfg.trimmer = Some(edge_cli::memory::Trimmer::spawn(shutdown.clone()));
+    if let Some(path) = &s.audit_log {
+        let audit = crate::audit::Audit::open(path, crate::server::replica_name()).map_err(|e| {
+            Error::Config(format!(
+                "opening the audit log {} (--audit-log): {e}; give a writable file, or - for stdout",
+                path.display()
+            ))
+        })?;
+        tracing::info!(file = %path.display(), "writing an audit line per redirected connection");
+        cfg.audit = Some(audit);
+    }
     let agents_tls = cfg.tls.clone();
+    let cfg_audit = cfg.audit.clone();
     let nodes = Follower::open(&s.node_table).map_err(Error::NodeTable)?;
     tokio::spawn(nodes.clone().run(s.node_table_poll, shutdown.clone()));
     let server = Server::following(cfg, nodes);
     let mut registry = prometheus_client::registry::Registry::default();
     server.stats().register(&mut registry);
+    if let Some(a) = &cfg_audit {
+        registry.register(
+            "tunnel_server_audit_lines",
+            "Audit lines written (--audit-log)",
+            a.written.clone(),
+        );
+        registry.register(
+            "tunnel_server_audit_dropped",
+            "Audit lines dropped because the sink was slower than the connections, or failed",
+            a.dropped.clone(),
+        );
+    }
     let reach = server.clone();
     registry.register_collector(Box::new(crate::reach::ReachCollector(move || {
         reach.reachability()

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub keepalive: tunnel_proto::keepalive::Keepalive,
     /// Told when the last redirected connection closes (memory goes back to the kernel).
     pub trimmer: Option<edge_cli::memory::Trimmer>,
+    /// The per-stream audit trail (`--audit-log`), off when None.
+    pub audit: Option<crate::audit::Audit>,
 }
 
 impl ServerConfig {
@@ -66,6 +68,7 @@ impl ServerConfig {
             limits: Limits::default(),
             keepalive: Default::default(),
             trimmer: None,
+            audit: None,
         }
     }
 }
@@ -611,9 +614,17 @@ impl Server {
                 x = listener.accept() => x,
             };
             // Looked up on the accept path, before the next accept (entries are per 4-tuple).
-            let orig = match bound.or_else(|| tcp.local_addr().ok()) {
+            let local = bound.or_else(|| tcp.local_addr().ok());
+            let orig = match local {
                 Some(local) => lookup(std::os::fd::AsFd::as_fd(&tcp), peer, local),
                 None => None,
+            };
+            // Who connected, for the audit trail: asked only when there is one to write.
+            let caller = match (&self.0.cfg.audit, local, orig) {
+                (Some(_), Some(local), Some(_)) => {
+                    crate::orig_dst::take_caller(std::os::fd::AsFd::as_fd(&tcp), local.is_ipv6())
+                }
+                _ => None,
             };
             let held = self.0.ingress_held.fetch_add(1, Ordering::Relaxed);
             let release = HeldConnection(self.0.ingress_held.clone());
@@ -627,7 +638,7 @@ impl Server {
             let server = self.clone();
             self.0.connections.spawn(async move {
                 let _release = release;
-                server.handle_redirected(tcp, orig).await
+                server.handle_accepted(tcp, orig, peer, caller).await
             });
         }
     }
@@ -638,11 +649,50 @@ impl Server {
         tcp: TcpStream,
         orig: Option<OriginalDst>,
     ) -> Result<relay::Outcome, Refusal> {
+        let peer = tcp
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        self.handle_accepted(tcp, orig, peer, None).await
+    }
+
+    /// [`Self::handle_redirected`] for a connection from `peer`, opened by `caller` (as the
+    /// redirector recorded it), written to the audit trail once it ends.
+    async fn handle_accepted(
+        &self,
+        tcp: TcpStream,
+        orig: Option<OriginalDst>,
+        peer: SocketAddr,
+        caller: Option<redirector_common::sockopt::CallerAnswer>,
+    ) -> Result<relay::Outcome, Refusal> {
         // Counted from acceptance, not from the stream open: a stopping server drains what it
         // accepted, including connections still waiting for their stream.
         let st = &self.0.stats;
         st.streams_open.inc();
-        let r = self.route_and_forward(tcp, orig).await;
+        let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let mut node = None;
+        let r = self.route_and_forward(tcp, orig, &mut node).await;
+        if let Some(audit) = &self.0.cfg.audit
+            && !orig.is_some_and(|o| o.probe)
+        {
+            let (outcome, reason, up, down) = match &r {
+                Ok(o) if o.end == End::Reset => ("reset", None, o.tcp_to_stream, o.stream_to_tcp),
+                Ok(o) => ("closed", None, o.tcp_to_stream, o.stream_to_tcp),
+                Err(why) => ("refused", Some(why.label()), 0, 0),
+            };
+            audit.record(&crate::audit::Record {
+                started,
+                duration: clock.elapsed(),
+                caller,
+                client: peer,
+                from_pod: orig.is_some_and(|o| o.from_pod),
+                destination: orig.map(|o| o.addr),
+                node: node.as_deref(),
+                outcome,
+                reason,
+                bytes_to_node: up,
+                bytes_from_node: down,
+            });
+        }
         st.streams_open.dec();
         if st.streams_open.get() == 0
             && let Some(t) = &self.0.cfg.trimmer
@@ -652,10 +702,12 @@ impl Server {
         r
     }
 
+    /// `node` learns the node the connection is for, once known (for the audit trail).
     async fn route_and_forward(
         &self,
         tcp: TcpStream,
         orig: Option<OriginalDst>,
+        node_of: &mut Option<Arc<str>>,
     ) -> Result<relay::Outcome, Refusal> {
         let Some(orig) = orig else {
             let peer = tcp.peer_addr().ok();
@@ -711,6 +763,7 @@ impl Server {
         };
         // Debug level: formatting the fields of an enabled span cost 2% of the server's CPU
         // per connection; the warnings below name node and destination themselves.
+        *node_of = Some(node.clone());
         let span = tracing::debug_span!("stream", node = %node, dst = %orig.addr);
         self.forward(tcp, node, orig.addr).instrument(span).await
     }

@@ -138,6 +138,7 @@ fn main() -> Result<()> {
         cgroup: cgroup.path.clone(),
         pin_dir: pin_dir.clone(),
         max_node_addresses: capacity,
+        record_callers: false,
     })?;
     let _cleanup = PinCleanup(pin_dir.clone());
     let mut maps = PinnedMaps::open(&pin_dir)?;

@@ -266,6 +266,7 @@ fn main() -> Result<()> {
         cgroup: cg.path.clone(),
         pin_dir: pin_dir.clone(),
         max_node_addresses: max_nodes,
+        record_callers: false,
     })?;
     let mut maps = PinnedMaps::open(&pin_dir)?;
     let cookie = {

@@ -92,6 +92,11 @@ pub struct ServerArgs {
     /// Events. Needs the Kubernetes API (in-cluster service account or KUBECONFIG).
     #[arg(long, env = "TUNNEL_NODE_EVENTS_AFTER", default_value = "0", value_parser = edge_cli::seconds::non_negative)]
     node_events_after: Duration,
+    /// Write one JSON line per redirected connection to this file (appended; `-`: stdout):
+    /// caller (with `redirector run --record-callers`), destination, node, bytes, duration,
+    /// outcome. Off by default; a slow sink drops lines (counted), never connections.
+    #[arg(long, env = "TUNNEL_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -200,6 +205,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
         // The Events name this replica: its pod (the manifest sets POD_NAME), else its host.
         node_events: (!a.node_events_after.is_zero())
             .then(|| (a.node_events_after, tunnel::server::replica_name())),
+        audit_log: a.audit_log.clone(),
     };
     let metrics_at = a
         .common
