@@ -12,21 +12,24 @@ use redirector_tests::{
     tunnel_procs,
 };
 
+/// The stack, with the redirector's metrics on a free address (returned) and `args`.
+fn checked_stack(
+    w: &World,
+    pki: &TestPki,
+    args: &[&str],
+) -> (tunnel_procs::Stack, std::net::SocketAddr) {
+    let metrics_at = tunnel_procs::master_loopback(w);
+    let listen = metrics_at.to_string();
+    let mut all = vec!["--metrics-listen", listen.as_str()];
+    all.extend_from_slice(args);
+    (tunnel_procs::stack(w, pki, &all), metrics_at)
+}
+
 #[test]
 fn a_detached_program_is_reported_and_attached_again_within_the_interval() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let metrics_at = tunnel_procs::master_loopback(&w);
-    let mut st = tunnel_procs::stack(
-        &w,
-        &pki,
-        &[
-            "--self-check-interval",
-            "2",
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
-    );
+    let (mut st, metrics_at) = checked_stack(&w, &pki, &["--self-check-interval", "2"]);
     let _agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
     let reply = |v: &serde_json::Value| v[0]["reply"].as_str().map(str::to_owned);
     let v = w.probe(true, None, &["connect", "198.51.100.10:10250"]);
@@ -84,8 +87,7 @@ fn a_detached_program_is_reported_and_attached_again_within_the_interval() {
 fn the_ingress_probe_finds_a_dead_ingress_within_the_interval() {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
-    let metrics_at = tunnel_procs::master_loopback(&w);
-    let mut st = tunnel_procs::stack(
+    let (mut st, metrics_at) = checked_stack(
         &w,
         &pki,
         &[
@@ -93,8 +95,6 @@ fn the_ingress_probe_finds_a_dead_ingress_within_the_interval() {
             "1",
             "--probe-address",
             "203.0.113.254",
-            "--metrics-listen",
-            &metrics_at.to_string(),
         ],
     );
     let wait = |series: &str, want: f64, within: u64| {

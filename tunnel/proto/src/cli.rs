@@ -17,7 +17,7 @@ pub struct Common {
     #[arg(long, env = "TUNNEL_KEY")]
     pub key: Option<PathBuf>,
     /// Seconds between keepalive PINGs.
-    #[arg(long, env = "TUNNEL_KEEPALIVE_INTERVAL", default_value = "10", value_parser = edge_cli::seconds::positive)]
+    #[arg(long, env = "TUNNEL_KEEPALIVE_INTERVAL", default_value = "30", value_parser = edge_cli::seconds::positive)]
     pub keepalive_interval: Duration,
     /// Seconds a PING may go unanswered before the session is declared dead.
     #[arg(long, env = "TUNNEL_KEEPALIVE_TIMEOUT", default_value = "10", value_parser = edge_cli::seconds::positive)]
