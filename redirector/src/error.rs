@@ -130,8 +130,8 @@ impl Error {
             .map(|(_, log)| log.trim())
             .filter(|log| !log.is_empty());
         if let Some(log) = verifier {
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(12)..];
             return Error::Ebpf {
                 what,
                 detail: format!("the kernel's verifier refused it: ...\n{}", tail.join("\n")),

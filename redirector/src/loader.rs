@@ -100,6 +100,14 @@ pub fn link_pin(pin_dir: &Path, prog: &str) -> PathBuf {
     pin_dir.join("links").join(prog)
 }
 
+/// What the kernel says of `prog`'s pinned link (None: no pin, or not a link). A detached
+/// link still answers, with cgroup id 0.
+pub fn pinned_link_info(pin_dir: &Path, prog: &str) -> Option<sys::LinkInfo> {
+    sys::obj_get(&link_pin(pin_dir, prog))
+        .and_then(|fd| sys::link_info(fd.as_fd()))
+        .ok()
+}
+
 pub fn program_pin(pin_dir: &Path, prog: &str) -> PathBuf {
     pin_dir.join("programs").join(prog)
 }

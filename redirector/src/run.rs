@@ -132,19 +132,22 @@ fn apply_node_table(
     ambiguous.store(shared, Ordering::Relaxed);
     let mut entries = table.kernel_entries();
     if let Some(p) = cfg.probe_address {
-        let owners = table.owners();
-        match owners.get(&std::net::IpAddr::V4(p)) {
-            // A node's address stays the node's: its clients matter more than the probe.
-            Some(nodes) => {
+        // A node's address stays the node's: its clients matter more than the probe.
+        match entries.v4.entry(u32::from_ne_bytes(p.octets())) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                let ip = std::net::IpAddr::V4(p);
+                let nodes: Vec<&String> = table
+                    .nodes
+                    .iter()
+                    .filter(|(_, addrs)| addrs.contains(&ip))
+                    .map(|(n, _)| n)
+                    .collect();
                 tracing::warn!(probe = %p, ?nodes, "the probe address (--probe-address) is a node's address: it stays the node's, and the ingress probe fails until another probe address is chosen")
             }
-            None => {
-                entries.v4.insert(
-                    u32::from_ne_bytes(p.octets()),
-                    NodeValue {
-                        flags: node_flags::PROBE,
-                    },
-                );
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(NodeValue {
+                    flags: node_flags::PROBE,
+                });
             }
         }
     }

@@ -12,7 +12,7 @@
 //! Metrics (read from the pins at scrape time, so a scrape never shows a stale answer):
 //! `redirector_program_attached{program}`, `redirector_path_ok` (every program attached at the
 //! expected cgroup), and `redirector_program_repairs_total`.
-use std::{os::fd::AsFd, path::PathBuf};
+use std::path::PathBuf;
 
 use prometheus_client::{
     collector::Collector,
@@ -21,16 +21,14 @@ use prometheus_client::{
 };
 use redirector_common::program_names;
 
-use crate::{loader::link_pin, sys};
+use crate::loader::pinned_link_info;
 
 /// Each program and whether its pinned link is attached to `cgroup_id`.
 pub fn attached(pin_dir: &std::path::Path, cgroup_id: u64) -> Vec<(&'static str, bool)> {
     program_names::ALL
         .iter()
         .map(|name| {
-            let info = sys::obj_get(&link_pin(pin_dir, name))
-                .and_then(|fd| sys::link_info(fd.as_fd()))
-                .ok();
+            let info = pinned_link_info(pin_dir, name);
             (*name, info.is_some_and(|i| i.cgroup_id == cgroup_id))
         })
         .collect()

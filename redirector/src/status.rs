@@ -1,10 +1,10 @@
 //! `redirector status`: what is attached where, with which maps and counters.
-use std::{fmt, net::SocketAddr, os::fd::AsFd, path::Path};
+use std::{fmt, net::SocketAddr, path::Path};
 
 use redirector_common::{Ingress, counter, program_names};
 
 use crate::{
-    cgroup, error::Result, loader::link_pin, maps::PinnedMaps, node_table::words_to_bytes, sys,
+    cgroup, error::Result, loader::pinned_link_info, maps::PinnedMaps, node_table::words_to_bytes,
 };
 
 #[derive(Debug, serde::Serialize)]
@@ -47,9 +47,7 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
     let mut programs = Vec::new();
     let mut cgroup_id = None;
     for name in program_names::ALL {
-        let info = sys::obj_get(&link_pin(pin_dir, name))
-            .and_then(|fd| sys::link_info(fd.as_fd()))
-            .ok();
+        let info = pinned_link_info(pin_dir, name);
         if let Some(i) = info.filter(|i| i.cgroup_id != 0) {
             cgroup_id.get_or_insert(i.cgroup_id);
         }

@@ -46,12 +46,28 @@ fn verdict(v: &Value) -> (&str, Option<&str>, Option<&str>) {
     )
 }
 
-/// A process that stays in `cgroup` (optional) and `netns` while explained.
-fn sleeper(w: &World, in_cgroup: bool, netns: &redirector_tests::Netns) -> std::process::Child {
+/// A process that stays in `cgroup` (optional) and `netns` while explained; killed on drop
+/// (one outside the test cgroup is not killed with it).
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sleeper(w: &World, in_cgroup: bool, netns: &redirector_tests::Netns) -> Sleeper {
     let mut cmd = Command::new("sleep");
     cmd.arg("120");
     spawn::place(&mut cmd, in_cgroup.then_some(&w.cgroup), Some(netns));
-    cmd.spawn().expect("sleep")
+    Sleeper(cmd.spawn().expect("sleep"))
 }
 
 #[test]
@@ -63,8 +79,8 @@ fn explain_gives_every_verdict_as_the_data_path_decides_it() {
     let pki = TestPki::new(&w.dir);
     let mut st = tunnel_procs::stack(&w, &pki, &[]);
     let mut agent = st.agent(&w, &pki, "edge-a", "10250", "127.0.0.1");
-    let mut client = sleeper(&w, true, &w.master);
-    let pid = client.id().to_string();
+    let client = sleeper(&w, true, &w.master);
+    let pid = client.pid();
     let with_pid = |target: &str| explain(&w, &st, &[target, "--pid", &pid]);
 
     // Redirected: the node, its session, its agent allows the port; a client is answered by it.
@@ -162,33 +178,23 @@ fn explain_gives_every_verdict_as_the_data_path_decides_it() {
             .contains("outside the attached cgroup"),
         "{v:#}"
     );
-    let mut outside = sleeper(&w, false, &w.master);
-    let v = explain(
-        &w,
-        &st,
-        &["198.51.100.10:10250", "--pid", &outside.id().to_string()],
-    );
+    let outside = sleeper(&w, false, &w.master);
+    let v = explain(&w, &st, &["198.51.100.10:10250", "--pid", &outside.pid()]);
     assert_eq!(verdict(&v).0, "passes_through", "{v:#}");
-    let _ = outside.kill();
-    let _ = outside.wait();
+    drop(outside);
     let cg = w.cgroup.path.display().to_string();
     let v = explain(&w, &st, &["198.51.100.10:10250", "--cgroup", &cg]);
     assert_eq!(verdict(&v), ("redirected", None, Some("edge-a")), "{v:#}");
 
     // No ingress: an IPv6 destination from a pod, and the redirector has no --pod-ingress6.
-    let mut pod = sleeper(&w, true, &w.pod);
-    let v = explain(
-        &w,
-        &st,
-        &["[2001:db8::10]:10250", "--pid", &pod.id().to_string()],
-    );
+    let pod = sleeper(&w, true, &w.pod);
+    let v = explain(&w, &st, &["[2001:db8::10]:10250", "--pid", &pod.pid()]);
     assert_eq!(verdict(&v), ("passes_through", None, None), "{v:#}");
     assert!(
         v["fix"].as_str().unwrap().contains("--pod-ingress6"),
         "{v:#}"
     );
-    let _ = pod.kill();
-    let _ = pod.wait();
+    drop(pod);
 
     // The server not asked: what the kernel does, and that the rest is unknown.
     let v = explain_with(
@@ -220,7 +226,6 @@ fn explain_gives_every_verdict_as_the_data_path_decides_it() {
         "{v:#}"
     );
 
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
     agent.stop(libc::SIGTERM, Duration::from_secs(5));
 }

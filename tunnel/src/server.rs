@@ -108,6 +108,8 @@ struct Inner {
     ingress_held: Arc<std::sync::atomic::AtomicUsize>,
     /// Which nodes answer streams, and when they last did.
     reach: Reach,
+    /// This replica's name, as probes and explanations report it.
+    replica: Arc<str>,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -158,6 +160,7 @@ impl Server {
             )),
             ingress_held: Default::default(),
             reach: Reach::default(),
+            replica: replica_name().into(),
             cfg,
         }))
     }
@@ -724,11 +727,7 @@ impl Server {
             // here, never routed; the replica's name says which server took it.
             self.0.stats.ingress_probes.inc();
             let mut tcp = tcp;
-            let line = format!(
-                "{} {}\n",
-                edge_model::orig_dst::PROBE_REPLY,
-                explain::replica_name()
-            );
+            let line = format!("{} {}\n", edge_model::orig_dst::PROBE_REPLY, self.0.replica);
             let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, line.as_bytes()).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
             return Ok(relay::Outcome {

@@ -53,9 +53,8 @@ impl Caller {
                 } else {
                     mount.join(p.strip_prefix("/").unwrap_or(p))
                 };
-                if !path.is_dir() {
-                    return Err(Error::NotACgroup { path, mount });
-                }
+                // The same check as for `run --cgroup`: a cgroup v2 directory in the mount.
+                let path = cgroup::attach_point(Some(&path))?;
                 Ok(Facts {
                     what: format!("a process in {}", path.display()),
                     cgroup: path,

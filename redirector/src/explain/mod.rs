@@ -9,15 +9,15 @@
 mod caller;
 mod server;
 
-use std::{fmt, net::SocketAddr, os::fd::AsFd, path::PathBuf};
+use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use redirector_common::{node_flags, program_names};
 
 pub use caller::Caller;
 
 use crate::{
-    cgroup, error::Result, loader::link_pin, maps::PinnedMaps, node_table::NodeTable,
-    status::ingress_addr, sys,
+    cgroup, error::Result, loader::pinned_link_info, maps::PinnedMaps, node_table::NodeTable,
+    status::ingress_addr,
 };
 
 /// What to explain, and where to read it from.
@@ -118,10 +118,7 @@ pub fn explain(req: &Request) -> Result<Explanation> {
     } else {
         program_names::CONNECT4
     };
-    let link = sys::obj_get(&link_pin(&req.pin_dir, prog))
-        .and_then(|fd| sys::link_info(fd.as_fd()))
-        .ok()
-        .filter(|i| i.cgroup_id != 0);
+    let link = pinned_link_info(&req.pin_dir, prog).filter(|i| i.cgroup_id != 0);
     let Some(link) = link else {
         b.step(
             "program",

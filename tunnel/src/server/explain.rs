@@ -41,7 +41,7 @@ impl Server {
             Some(n) => Some(self.explain_node(n, port).await),
             None => None,
         };
-        json!({"replica": replica_name(), "route": route, "node": node})
+        json!({"replica": &*self.0.replica, "route": route, "node": node})
     }
 
     async fn explain_node(&self, node: &str, port: u16) -> Value {
