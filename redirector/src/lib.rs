@@ -22,6 +22,7 @@ pub mod explain;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod node_maps;
 pub mod nodes;
 pub mod origdst;
 pub mod probe;
@@ -33,7 +34,8 @@ pub mod uninstall;
 
 // The pure model (no aya, no kube) lives in `edge-model`, which the tunnel server shares.
 pub use edge_model::{
-    DEFAULT_HOST_INGRESS, DEFAULT_PIN_DIR, DEFAULT_PORTS, OriginalDst, hosts, node_table,
+    DEFAULT_HOST_INGRESS, DEFAULT_PIN_DIR, DEFAULT_PORTS, OriginalDst, follow, hosts, journal,
+    node_table, routes,
 };
 pub use error::{Error, Result};
 pub use origdst::OrigDstTable;

@@ -4,15 +4,12 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
 
-use edge_model::follow::{Follower, Snapshot};
-use redirector_common::{Config, Ingress, NodeValue, node_flags};
+use edge_model::follow::Follower;
+use redirector_common::{Config, Ingress};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,6 +17,7 @@ use crate::{
     loader::{self, InstallOptions},
     maps::PinnedMaps,
     metrics::MapsCollector,
+    node_maps::NodeMaps,
     node_table::ip6_words,
     sys,
 };
@@ -115,52 +113,6 @@ fn kernel_config(cfg: &RunConfig) -> Result<Config> {
     })
 }
 
-/// Writes the differences between a node-table snapshot and the maps into the maps; records
-/// how many addresses are ambiguous.
-fn apply_node_table(
-    maps: &mut PinnedMaps,
-    cfg: &RunConfig,
-    snap: &Snapshot,
-    ambiguous: &AtomicU64,
-) -> Result<()> {
-    let table = &snap.table;
-    let mut shared = 0u64;
-    for (ip, owners) in snap.routes.ambiguous() {
-        shared += 1;
-        tracing::warn!(%ip, nodes = ?owners, "address shared by several nodes: connections to it will be refused by the tunnel; reach these nodes by their unique addresses");
-    }
-    ambiguous.store(shared, Ordering::Relaxed);
-    let mut entries = table.kernel_entries();
-    if let Some(p) = cfg.probe_address {
-        // A node's address stays the node's: its clients matter more than the probe.
-        match entries.v4.entry(u32::from_ne_bytes(p.octets())) {
-            std::collections::btree_map::Entry::Occupied(_) => {
-                let ip = std::net::IpAddr::V4(p);
-                let nodes: Vec<&String> = table
-                    .nodes
-                    .iter()
-                    .filter(|(_, addrs)| addrs.contains(&ip))
-                    .map(|(n, _)| n)
-                    .collect();
-                tracing::warn!(probe = %p, ?nodes, "the probe address (--probe-address) is a node's address: it stays the node's, and the ingress probe fails until another probe address is chosen")
-            }
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(NodeValue {
-                    flags: node_flags::PROBE,
-                });
-            }
-        }
-    }
-    let stats = maps.sync_nodes(&entries, cfg.install.max_node_addresses)?;
-    tracing::info!(nodes = table.nodes.len(), added = stats.added, updated = stats.updated, removed = stats.removed, file = %cfg.node_table.display(), "node table applied");
-    if let Some(path) = &cfg.hosts_file
-        && crate::hosts::update(path, table)?
-    {
-        tracing::info!(file = %path.display(), names = table.tunnel.len(), "hosts file block updated");
-    }
-    Ok(())
-}
-
 /// The redirected ports once a start has reconciled the declared ones with the pinned map.
 struct AdoptedPorts {
     now: BTreeSet<u16>,
@@ -235,7 +187,15 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
     let ports = adopt_ports(&mut maps, &cfg.ports)?;
     let ambiguous = Arc::new(AtomicU64::new(0));
     let mut snapshots = nodes.subscribe();
-    apply_node_table(&mut maps, &cfg, &snapshots.borrow_and_update(), &ambiguous)?;
+    let mut node_maps = NodeMaps::new(
+        cfg.probe_address,
+        cfg.install.max_node_addresses,
+        cfg.hosts_file.clone(),
+        cfg.node_table.clone(),
+        ambiguous.clone(),
+    );
+    let first = snapshots.borrow_and_update().clone();
+    node_maps.apply(&mut maps, &first)?;
     if let Some(at) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
             Error::io(
@@ -318,7 +278,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<()> {
                 }
                 let snap = snapshots.borrow_and_update().clone();
                 // A failed write keeps what the kernel has: every node stays reachable.
-                if let Err(e) = apply_node_table(&mut maps, &cfg, &snap, &ambiguous) {
+                if let Err(e) = node_maps.apply(&mut maps, &snap) {
                     tracing::error!("node table not applied, keeping the previous one: {e}");
                 }
             }

@@ -110,7 +110,7 @@ async fn allocation_conflict_rereads_and_retries_without_taking_a_taken_address(
     let pool = Pool::parse("100.64.0.0/24").unwrap();
     let wanted = BTreeSet::from(["mine".to_owned()]);
     // Hold the others: they are nodes this replica has not seen yet.
-    let plan = allocate(&store, &pool, &wanted, &|_| true).await.unwrap();
+    let (plan, _) = allocate(&store, &pool, &wanted, &|_| true).await.unwrap();
     assert_eq!(plan.allocations["mine"], IpAddr::from([100, 64, 0, 3]));
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
@@ -194,8 +194,13 @@ async fn fake_api(mut api: Handle, seen: Arc<Mutex<Seen>>) {
                     parked.push(send);
                     continue;
                 }
+                // A second after the list's reconciliation: a single-node change.
                 let ev = json!({"type": "ADDED", "object": node("edge-c", "192.0.2.30")});
-                Response::new(Body::from(format!("{ev}\n").into_bytes()))
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    send.send_response(Response::new(Body::from(format!("{ev}\n").into_bytes())));
+                });
+                continue;
             }
             (Method::GET, CM_PATH) => match &cm {
                 None => status(StatusCode::NOT_FOUND, "NotFound"),
@@ -281,18 +286,30 @@ async fn node_watcher_keeps_the_node_table_in_step_with_events_and_coredns_hosts
         shutdown.clone(),
     ));
 
-    // The list (2 nodes) and the watch's ADDED (edge-c) end up in one table.
+    // The list (2 nodes) and the watch's ADDED (edge-c: the single-node path, a journal
+    // entry with an allocation of its own) end up in the table its followers read.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let table = loop {
-        let t = std::fs::read_to_string(&out).unwrap_or_default();
-        if t.lines().count() == 3 {
-            break t;
+    let snap = loop {
+        if let Ok(f) = redirector::follow::Follower::open(&out)
+            && f.current().len() == 3
+        {
+            break f.current();
         }
-        assert!(tokio::time::Instant::now() < deadline, "node table: {t:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node table: {:?}",
+            std::fs::read_to_string(&out)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(ready.load(Ordering::Relaxed));
-    let t = redirector::node_table::NodeTable::parse(&table, std::path::Path::new("out")).unwrap();
+    assert_eq!(
+        snap.journal_entries(),
+        1,
+        "edge-c came as one journal entry"
+    );
+    let t = snap.table().into_owned();
+    let table = t.render();
     assert_eq!(t.tunnel.len(), 3, "{table}");
     let distinct: BTreeSet<_> = t.tunnel.values().collect();
     assert_eq!(distinct.len(), 3);

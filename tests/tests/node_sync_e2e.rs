@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector::node_table::NodeTable;
+use redirector::follow::Follower;
 use redirector_tests::{LoggedProc, World, pki::TestPki, replies, tunnel_procs};
 
 const POOL: &str = "192.0.2.0/29";
@@ -48,10 +48,9 @@ fn wait_table(
 ) -> BTreeMap<String, IpAddr> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let t = std::fs::read_to_string(&w.node_table)
-            .ok()
-            .and_then(|t| NodeTable::parse(&t, &w.node_table).ok())
-            .map(|t| t.tunnel)
+        // As the followers read it: the table file and its journal.
+        let t = Follower::open(&w.node_table)
+            .map(|f| f.current().table().tunnel.clone())
             .unwrap_or_default();
         if ok(&t) {
             return t;
@@ -134,6 +133,16 @@ fn synced_nodes_get_tunnel_addresses_and_follow_list_edits_live() {
         "existing nodes keep their addresses"
     );
     let c = t["edge-c"];
+    // It came as one journal entry: the table file was not rewritten, and the redirector and
+    // the tunnel server applied that entry alone.
+    let journal =
+        std::fs::read_to_string(redirector::journal::journal_path(&w.node_table)).unwrap();
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("+ edge-c 198.51.100.12 tunnel=")),
+        "journal: {journal}"
+    );
     let _c = agent(&mut st, "edge-c", "198.51.100.12");
     wait_reply(&w, &format!("{c}:10250"), "edge 198.51.100.12:10250");
 

@@ -181,9 +181,9 @@ impl Server {
     async fn route(&self, ip: &IpAddr) -> Option<Route> {
         match &self.0.routing {
             Routing::Fixed(r) => r.read().unwrap_or_else(|p| p.into_inner()).get(ip).cloned(),
-            Routing::Followed(f) => match f.current().routes.get(ip) {
-                Some(r) => Some(r.clone()),
-                None => f.refreshed().await.routes.get(ip).cloned(),
+            Routing::Followed(f) => match f.current().route(ip) {
+                Some(r) => Some(r),
+                None => f.refreshed().await.route(ip),
             },
         }
     }
@@ -196,7 +196,7 @@ impl Server {
     /// streams and when it last did (the `tunnel_server_node_*` gauges).
     pub fn reachability(&self) -> std::collections::BTreeMap<String, Seen> {
         let known: Vec<String> = match &self.0.routing {
-            Routing::Followed(f) => f.current().table.nodes.keys().cloned().collect(),
+            Routing::Followed(f) => f.current().node_names(),
             Routing::Fixed(r) => r
                 .read()
                 .unwrap_or_else(|p| p.into_inner())

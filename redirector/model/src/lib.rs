@@ -3,22 +3,28 @@
 //! - [`node_table`]: the node table file (node ID -> addresses, tunnel address), and what the
 //!   kernel's node maps hold for it.
 //! - [`routes`]: address -> node (or the nodes that share it), computed once per table.
-//! - [`follow`]: the one follower of the node table file (poll, SIGHUP, on-demand refresh); it
-//!   hands the same snapshots to the redirector (kernel maps) and the tunnel server (routes).
+//! - [`journal`]: single-node changes appended beside the table file, and its one writer.
+//! - [`snapshot`]: one version of the node set: the table file plus journal entries.
+//! - [`follow`]: the one follower of the table and its journal (inotify, poll, SIGHUP,
+//!   on-demand refresh); it hands the same snapshots to the redirector (kernel maps) and the
+//!   tunnel server (routes).
 //! - [`names`]: Kubernetes node-name rules.
 //! - [`hosts`]: the managed hosts block and the CoreDNS hosts file (name -> tunnel address).
 //! - [`orig_dst`]: the original destination of a redirected connection.
 //! - [`lock`]: the lock beside a file several processes rewrite.
 //! - [`allocations`]: tunnel address allocations as text.
 pub mod allocations;
+mod dir_watch;
 pub mod error;
 pub mod follow;
 pub mod hosts;
+pub mod journal;
 pub mod lock;
 pub mod names;
 pub mod node_table;
 pub mod orig_dst;
 pub mod routes;
+pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use orig_dst::OriginalDst;

@@ -16,7 +16,7 @@ use redirector_common::{node_flags, program_names};
 pub use caller::Caller;
 
 use crate::{
-    cgroup, error::Result, loader::pinned_link_info, maps::PinnedMaps, node_table::NodeTable,
+    cgroup, error::Result, loader::pinned_link_info, maps::PinnedMaps, routes::Route,
     status::ingress_addr,
 };
 
@@ -180,18 +180,15 @@ pub fn explain(req: &Request) -> Result<Explanation> {
     }
 
     // 4. The address: whose is it, in the kernel map and in the node table.
-    let table = match &req.node_table {
-        Some(p) => Some(NodeTable::load(p)?),
-        None => None,
+    // As `redirector run` sees it: the table file and its journal.
+    let owners: Vec<String> = match &req.node_table {
+        Some(p) => match edge_model::follow::Follower::open(p)?.current().route(&ip) {
+            Some(Route::Node(n)) => vec![n.to_string()],
+            Some(Route::Ambiguous(v)) => v.iter().map(|n| n.to_string()).collect(),
+            None => Vec::new(),
+        },
+        None => Vec::new(),
     };
-    let owners: Vec<String> = table
-        .as_ref()
-        .and_then(|t| {
-            t.owners()
-                .remove(&ip)
-                .map(|o| o.into_iter().map(str::to_owned).collect())
-        })
-        .unwrap_or_default();
     let named = match (&req.node_table, owners.as_slice()) {
         (None, _) => "(no --node-table: names come from the tunnel server)".to_owned(),
         (Some(_), []) => "no node of the node table lists it".to_owned(),

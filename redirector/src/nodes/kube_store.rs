@@ -99,7 +99,7 @@ impl AllocationStore for KubeStore {
             self.api.replace(&self.name, &pp, &cm).await
         };
         match result {
-            Ok(_) => Ok(Saved::Yes),
+            Ok(cm) => Ok(Saved::Yes(cm.metadata.resource_version.unwrap_or_default())),
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => {
                 Ok(Saved::Conflict)
             }

@@ -7,12 +7,14 @@
 //!   (embedded mode, a local file under a lock) and [`store::KubeStore`] (one ConfigMap,
 //!   swapped by resourceVersion), so several replicas never hand out one address twice.
 //! - [`sync`]: `redirector sync-nodes`, the loop that keeps the node table file in step.
+//! - [`incremental`]: one Node's change as one journal entry, without a pass over the fleet.
 //! - [`error`]: what it fails with, typed ([`error::SyncError`]).
 //!
 //! [`NodeTable`]: crate::node_table::NodeTable
 pub mod error;
 pub mod events;
 pub mod file_store;
+pub mod incremental;
 pub mod kube_store;
 pub mod model;
 pub mod pool;

@@ -65,7 +65,7 @@ impl Pool {
     }
 
     /// The `i`th usable address (i < size).
-    fn nth(&self, i: u128) -> IpAddr {
+    pub(crate) fn nth(&self, i: u128) -> IpAddr {
         let v = self.base() + self.first_usable() + i;
         match self.net {
             IpNet::V4(_) => IpAddr::from((v as u32).to_be_bytes()),
@@ -73,7 +73,7 @@ impl Pool {
         }
     }
 
-    fn index(&self, ip: IpAddr) -> Option<u128> {
+    pub(crate) fn index(&self, ip: IpAddr) -> Option<u128> {
         if !self.net.contains(&ip) {
             return None;
         }

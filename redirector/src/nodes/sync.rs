@@ -32,11 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     events::{NodeEvents, reason},
+    incremental::{Cache, apply_one},
     model::{self, EdgeNode},
     pool::{Plan, Pool},
     store::{AllocationStore, FileStore, KubeStore, allocate},
 };
 use crate::node_table::NodeTable;
+use edge_model::journal::TableWriter;
 
 use super::error::{Result, SyncError};
 
@@ -120,16 +122,27 @@ pub struct Outcome {
 
 /// Since when each allocated node has been missing from this replica's view.
 #[derive(Debug, Default)]
-pub struct Missing(BTreeMap<String, Instant>);
+pub struct Missing(pub(super) BTreeMap<String, Instant>);
+
+/// What a sync loop carries from one reconciliation to the next.
+#[derive(Default)]
+pub struct SyncState {
+    pub(super) missing: Missing,
+    /// The node table's writer; it knows what the file and its journal hold.
+    pub(super) writer: Option<TableWriter>,
+    /// The allocations as last read or written, for single-node changes.
+    pub(super) cache: Option<Cache>,
+}
 
 /// Nodes -> allocations (persisted through `store`) -> node table file.
 pub async fn reconcile<S: AllocationStore>(
     nodes: &[EdgeNode],
     store: &S,
     cfg: &SyncConfig,
-    missing: &mut Missing,
+    state: &mut SyncState,
     metrics: &SyncMetrics,
 ) -> Result<Outcome> {
+    let missing = &mut state.missing;
     let wanted = model::names(nodes);
     let (current, _) = store.load().await?;
     let now = Instant::now();
@@ -145,7 +158,8 @@ pub async fn reconcile<S: AllocationStore>(
         .filter(|(_, since)| now.duration_since(**since) < cfg.release_after)
         .map(|(n, _)| n.clone())
         .collect();
-    let plan = allocate(store, &cfg.pool, &wanted, &|n| held.contains(n)).await?;
+    let (plan, version) = allocate(store, &cfg.pool, &wanted, &|n| held.contains(n)).await?;
+    state.cache = Some(Cache::new(&plan.allocations, version, &cfg.pool));
     for (n, ip) in &plan.released {
         tracing::info!(node = %n, %ip, "node gone: tunnel address released");
     }
@@ -165,10 +179,25 @@ pub async fn reconcile<S: AllocationStore>(
         .iter()
         .flat_map(|n| n.problems.iter().map(|p| (n.name.clone(), p.clone())))
         .collect();
-    let written = write_if_changed(&cfg.out, &table.render())?;
-    if written {
-        tracing::info!(nodes = table.nodes.len(), tunnel = tunnel.len(), file = %cfg.out.display(), "node table written");
-    }
+    let writer = state
+        .writer
+        .get_or_insert_with(|| TableWriter::new(&cfg.out));
+    let written = match writer.publish(&table) {
+        Ok(None) => {
+            tracing::info!(nodes = table.nodes.len(), tunnel = tunnel.len(), file = %cfg.out.display(), "node table written");
+            true
+        }
+        Ok(Some(0)) => false,
+        Ok(Some(entries)) => {
+            tracing::info!(nodes = table.nodes.len(), entries, file = %cfg.out.display(), "node table changes appended to its journal");
+            true
+        }
+        Err(e) => {
+            // What the file holds is unknown: the next publish writes it whole.
+            state.writer = None;
+            return Err(e.into());
+        }
+    };
     metrics.nodes.set(table.nodes.len() as i64);
     metrics
         .pool_size
@@ -187,18 +216,6 @@ pub async fn reconcile<S: AllocationStore>(
         problems,
         written,
     })
-}
-
-/// Atomic replace, only when the content differs (the followers reload on mtime).
-fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
-    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
-        return Ok(false);
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| SyncError::io(format!("writing node table {}", path.display()), e))?;
-    Ok(true)
 }
 
 /// Logs each problem once per appearance (not at every reconciliation).
@@ -266,7 +283,7 @@ pub async fn run_file(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let store = FileStore::new(&state_file);
-    let mut missing = Missing::default();
+    let mut state = SyncState::default();
     let mut reported = Reported::default();
     let mut last_mtime = None;
     let mut last_full = Instant::now();
@@ -291,7 +308,7 @@ pub async fn run_file(
                 continue;
             }
         };
-        match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
+        match reconcile(&nodes, &store, &cfg, &mut state, &metrics).await {
             Ok(o) => {
                 reported.fresh(&o, &cfg.pool);
                 ready.store(true, Ordering::Relaxed);
@@ -348,39 +365,50 @@ struct View {
     complete: bool,
 }
 
+/// What a watch event changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Changed {
+    /// One node, by name (its entry now is in the view, or it is gone).
+    Node(String),
+    /// Possibly any: a (re)list.
+    All,
+}
+
 impl View {
-    /// Applies one watch event; true if the node table may change.
-    fn apply(&mut self, ev: &watcher::Event<Node>) -> bool {
+    /// Applies one watch event; what the node table may owe it.
+    fn apply(&mut self, ev: &watcher::Event<Node>) -> Option<Changed> {
         match ev {
             watcher::Event::Init => {
                 self.listing = Some(BTreeMap::new());
-                false
+                None
             }
             watcher::Event::InitApply(n) => {
                 if let (Some(l), Some(e)) = (self.listing.as_mut(), model::edge_node(n)) {
                     l.insert(e.name.clone(), e);
                 }
-                false
+                None
             }
             watcher::Event::InitDone => {
                 let listed = self.listing.take().unwrap_or_default();
                 let changed = !self.complete || listed != self.nodes;
                 self.nodes = listed;
                 self.complete = true;
-                changed
+                changed.then_some(Changed::All)
             }
             watcher::Event::Apply(n) => match model::edge_node(n) {
                 Some(e) if self.nodes.get(&e.name) != Some(&e) => {
-                    self.nodes.insert(e.name.clone(), e);
-                    true
+                    let name = e.name.clone();
+                    self.nodes.insert(name.clone(), e);
+                    Some(Changed::Node(name))
                 }
-                _ => false,
+                _ => None,
             },
             watcher::Event::Delete(n) => n
                 .metadata
                 .name
                 .as_ref()
-                .is_some_and(|name| self.nodes.remove(name).is_some()),
+                .filter(|name| self.nodes.remove(*name).is_some())
+                .map(|name| Changed::Node(name.clone())),
         }
     }
 }
@@ -402,26 +430,68 @@ pub async fn run_kube(
     let store = KubeStore::new(client.clone(), &k.namespace, &k.allocations);
     let events = NodeEvents::new(client.clone(), k.instance.clone());
     let cm_api: Api<ConfigMap> = Api::namespaced(client, &k.namespace);
-    let mut missing = Missing::default();
+    let mut state = SyncState::default();
     let mut reported = Reported::default();
     let mut view = View::default();
     let mut retry = false;
     let mut last_hosts = None;
+    let mut hosts_due = None;
     let mut resync = tokio::time::interval(cfg.resync);
     loop {
         let go = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             ev = stream.next() => match ev {
                 Some(Ok(ev)) => view.apply(&ev),
-                Some(Err(e)) => { tracing::warn!("Node watch: {e}; retrying with backoff"); false }
+                Some(Err(e)) => { tracing::warn!("Node watch: {e}; retrying with backoff"); None }
                 None => return Err(SyncError::WatchEnded),
             },
-            _ = resync.tick() => true,
-            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => true,
+            _ = resync.tick() => Some(Changed::All),
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => Some(Changed::All),
+            // Single-node changes batch the CoreDNS block (a write of every name).
+            _ = tokio::time::sleep_until(hosts_due.unwrap_or_else(tokio::time::Instant::now)), if hosts_due.is_some() => {
+                hosts_due = None;
+                if let (Some(name), Some(cur)) = (&k.coredns, state.writer.as_ref().and_then(|w| w.current())) {
+                    let hosts = coredns_hosts(&cur.table());
+                    if last_hosts.as_ref() != Some(&hosts) {
+                        match apply_hosts(&cm_api, name, &hosts).await {
+                            Ok(()) => last_hosts = Some(hosts),
+                            Err(e) => tracing::warn!("{e}"),
+                        }
+                    }
+                }
+                None
+            }
         };
         // Until the first complete list, a partial view would release live nodes' addresses.
-        if !go || !view.complete {
+        let Some(change) = go else { continue };
+        if !view.complete {
             continue;
+        }
+        // One node: its entry alone, appended to the journal, unless it needs the full pass.
+        if let Changed::Node(name) = &change
+            && !retry
+        {
+            match apply_one(
+                name,
+                view.nodes.get(name),
+                &store,
+                &cfg,
+                &mut state,
+                &metrics,
+            )
+            .await
+            {
+                Ok(true) => {
+                    if k.coredns.is_some() && hosts_due.is_none() {
+                        hosts_due = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                    }
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(node = %name, "single-node change failed ({e}); reconciling in full")
+                }
+            }
         }
         // Debounce: a burst of Node changes (a fleet reconnecting) becomes one reconciliation.
         let burst_end = tokio::time::sleep(Duration::from_millis(200));
@@ -443,7 +513,7 @@ pub async fn run_kube(
                 .get(&reflector::ObjectRef::new(name))
                 .and_then(|n| n.metadata.uid.clone())
         };
-        match reconcile(&nodes, &store, &cfg, &mut missing, &metrics).await {
+        match reconcile(&nodes, &store, &cfg, &mut state, &metrics).await {
             Ok(o) => {
                 for (n, r, note) in reported.fresh(&o, &cfg.pool) {
                     events.warn(&n, uid(&n), r, &note).await;
@@ -565,28 +635,45 @@ mod tests {
     #[test]
     fn only_changes_the_node_table_depends_on_count() {
         let mut v = View::default();
-        assert!(!v.apply(&watcher::Event::Init));
-        assert!(!v.apply(&watcher::Event::InitApply(node("a", "192.0.2.1", "1"))));
-        assert!(v.apply(&watcher::Event::InitDone), "first list");
+        let one = |n: &str| Some(Changed::Node(n.to_owned()));
+        assert_eq!(v.apply(&watcher::Event::Init), None);
+        assert_eq!(
+            v.apply(&watcher::Event::InitApply(node("a", "192.0.2.1", "1"))),
+            None
+        );
+        assert_eq!(
+            v.apply(&watcher::Event::InitDone),
+            Some(Changed::All),
+            "first list"
+        );
         // A heartbeat: new resourceVersion, same addresses.
-        assert!(!v.apply(&watcher::Event::Apply(node("a", "192.0.2.1", "2"))));
-        assert!(
+        assert_eq!(
+            v.apply(&watcher::Event::Apply(node("a", "192.0.2.1", "2"))),
+            None
+        );
+        assert_eq!(
             v.apply(&watcher::Event::Apply(node("a", "192.0.2.9", "3"))),
+            one("a"),
             "address change"
         );
-        assert!(
+        assert_eq!(
             v.apply(&watcher::Event::Apply(node("b", "192.0.2.2", "1"))),
+            one("b"),
             "new node"
         );
-        assert!(v.apply(&watcher::Event::Delete(node("b", "192.0.2.2", "1"))));
-        assert!(
-            !v.apply(&watcher::Event::Delete(node("b", "192.0.2.2", "1"))),
+        assert_eq!(
+            v.apply(&watcher::Event::Delete(node("b", "192.0.2.2", "1"))),
+            one("b")
+        );
+        assert_eq!(
+            v.apply(&watcher::Event::Delete(node("b", "192.0.2.2", "1"))),
+            None,
             "already gone"
         );
         // A relist with the same content changes nothing.
         v.apply(&watcher::Event::Init);
         v.apply(&watcher::Event::InitApply(node("a", "192.0.2.9", "7")));
-        assert!(!v.apply(&watcher::Event::InitDone));
+        assert_eq!(v.apply(&watcher::Event::InitDone), None);
         assert_eq!(v.nodes.len(), 1);
     }
 }
