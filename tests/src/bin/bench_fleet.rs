@@ -77,9 +77,9 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-/// Bytes both ways on the edge side of the link (every agent's traffic, TLS and TCP/IP
-/// headers included).
-fn link_bytes(w: &World) -> u64 {
+/// Bytes and frames both ways on the edge side of the link (every agent's traffic, TLS,
+/// TCP/IP and Ethernet headers included).
+fn link_bytes(w: &World) -> (u64, u64) {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &w.edge.name, "cat", "/proc/net/dev"])
         .output()
@@ -93,11 +93,17 @@ fn link_bytes(w: &World) -> u64 {
                     .split_whitespace()
                     .filter_map(|x| x.parse().ok())
                     .collect();
-                v[0] + v[8]
+                (v[0] + v[8], v[1] + v[9])
             })
         })
-        .unwrap_or(0)
+        .unwrap_or((0, 0))
 }
+
+/// The server's default `--node-check-interval`.
+const NODE_CHECK_INTERVAL_S: f64 = 300.0;
+
+/// Ethernet's header on each frame of the veth: below IP, not part of what a WAN link bills.
+const ETHERNET_HEADER: u64 = 14;
 
 /// Stream setup (connect + token + reply + close) to each of `nodes` in turn, from a client in
 /// the cgroup: (p50 us, p99 us, answered by their own agent, misrouted to another node).
@@ -128,6 +134,19 @@ fn setup(w: &World, nodes: &[usize]) -> (u64, u64, usize, usize) {
     us.sort_unstable();
     let pct = |p: f64| us[((us.len() - 1) as f64 * p) as usize];
     (pct(0.5), pct(0.99), own, misrouted)
+}
+
+/// The server's heap (in use, held free) from its `process_heap_bytes`, in bytes.
+fn server_heap(w: &World, metrics_at: SocketAddr) -> (f64, f64) {
+    let body = tunnel_procs::http_get(w, metrics_at, "/metrics");
+    let get = |state: &str| {
+        body.lines()
+            .find(|l| l.starts_with(&format!("process_heap_bytes{{state=\"{state}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (get("in_use"), get("free"))
 }
 
 /// The server's refusals before authentication, by reason (`handshake_timeout`, ...).
@@ -315,6 +334,7 @@ fn main() -> Result<()> {
         (p.rss_kib, p.fds)
     };
     let sim_rss0 = ProcStats::of(std::process::id()).rss_kib;
+    let heap0 = server_heap(&w, st.metrics_at);
 
     // First 10 sessions alone: the stream setup baseline.
     let few = n.min(10);
@@ -348,7 +368,15 @@ fn main() -> Result<()> {
     }
     let cold = watch_bring_up(&stats, n - few, t0, Duration::from_secs(300), server_pid)?;
     eprintln!("bench-fleet: cold start {cold}");
-    std::thread::sleep(Duration::from_secs(3));
+    // Past one keepalive interval: each session's one-time settling (its first RTT samples,
+    // taken during the bring-up, size its stream windows, the next ones size them back) is
+    // over, so the idle figures are a day's steady state.
+    let settle = if cli.idle_seconds >= 10 {
+        Keepalive::default().interval + Duration::from_secs(5)
+    } else {
+        Duration::from_secs(3)
+    };
+    std::thread::sleep(settle);
     let idle = ProcStats::of(server_pid);
     let sim = ProcStats::of(std::process::id());
     let per_session_kib = (idle.rss_kib as f64 - rss0 as f64) / n as f64;
@@ -358,7 +386,34 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(cli.idle_seconds));
     let secs = t.elapsed().as_secs_f64();
     let idle_cpu_pct = (cpu_seconds(server_pid) - cpu0) / secs * 100.0;
-    let bytes_per_session_day = (link_bytes(&w) - bytes0) as f64 / secs * 86_400.0 / n as f64;
+    let bytes1 = link_bytes(&w);
+    let per_day = |v: u64| v as f64 / secs * 86_400.0 / n as f64;
+    let link_bytes_per_session_day = per_day(bytes1.0 - bytes0.0);
+    let frames_per_session_day = per_day(bytes1.1 - bytes0.1);
+    // IP packets: TLS records and TCP/IP headers, as the issue counts them.
+    let keepalive_bytes_per_day =
+        per_day((bytes1.0 - bytes0.0) - ETHERNET_HEADER * (bytes1.1 - bytes0.1));
+    // The server's node check (a health stream to a node idle for a whole check interval)
+    // comes every 5 minutes, rarely inside the window: one is measured on its own, through
+    // /debug/explain's port check (the same stream, one header more), and counted per day.
+    let checks = n.min(100);
+    let h0 = link_bytes(&w);
+    for k in 0..checks {
+        let ip = node_addr(k * n / checks);
+        tunnel_procs::http_get(
+            &w,
+            st.metrics_at,
+            &format!("/debug/explain?ip={ip}&port={KUBELET}"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let h1 = link_bytes(&w);
+    let health_stream_bytes =
+        ((h1.0 - h0.0) - ETHERNET_HEADER * (h1.1 - h0.1)) as f64 / checks as f64;
+    let health_stream_packets = (h1.1 - h0.1) as f64 / checks as f64;
+    let health_bytes_per_day = health_stream_bytes * 86_400.0 / NODE_CHECK_INTERVAL_S;
+    let bytes_per_session_day = keepalive_bytes_per_day + health_bytes_per_day;
+    let heap = server_heap(&w, st.metrics_at);
     let (p50, p99, own_n, misrouted_n) = setup(&w, &spread(500, n));
 
     // The storm: SIGKILL with every session up, and the same server started again at once.
@@ -453,8 +508,22 @@ fn main() -> Result<()> {
     row(
         "bytes on the wire per idle session per day",
         format!(
-            "{:.0} KB (both ways, headers included)",
-            bytes_per_session_day / 1000.0
+            "{:.0} KB: keepalive {:.0} KB in {:.0} packets, node checks {:.0} KB ({:.0} B in {:.1} packets each, every {NODE_CHECK_INTERVAL_S:.0} s); both ways, TLS and TCP/IP headers included ({:.0} KB of keepalive with Ethernet's)",
+            bytes_per_session_day / 1000.0,
+            keepalive_bytes_per_day / 1000.0,
+            frames_per_session_day,
+            health_bytes_per_day / 1000.0,
+            health_stream_bytes,
+            health_stream_packets,
+            link_bytes_per_session_day / 1000.0
+        ),
+    );
+    row(
+        "server heap in use / held free by the allocator, per session",
+        format!(
+            "{:.1} / {:.1} KiB",
+            (heap.0 - heap0.0) / 1024.0 / n as f64,
+            (heap.1 - heap0.1) / 1024.0 / n as f64
         ),
     );
     for (k, label) in [
@@ -512,6 +581,13 @@ fn main() -> Result<()> {
         "server_rss_per_session_bytes": per_session_kib * 1024.0,
         "server_idle_cpu_pct": idle_cpu_pct,
         "idle_wire_bytes_per_session_per_day": bytes_per_session_day,
+        "idle_link_bytes_per_session_per_day": link_bytes_per_session_day,
+        "idle_keepalive_bytes_per_session_per_day": keepalive_bytes_per_day,
+        "idle_node_check_bytes_per_session_per_day": health_bytes_per_day,
+        "node_check_stream_bytes": health_stream_bytes,
+        "idle_packets_per_session_per_day": frames_per_session_day,
+        "server_heap_in_use_per_session_bytes": (heap.0 - heap0.0) / n as f64,
+        "server_heap_free_per_session_bytes": (heap.1 - heap0.1) / n as f64,
         "setup_p50_us": p50, "setup_p99_us": p99,
         "setup_p50_us_10_sessions": p50_few, "setup_p99_us_10_sessions": p99_few,
         "storm_50pct_s": storm["seconds_to_50pct"], "storm_99pct_s": storm["seconds_to_99pct"],

@@ -123,11 +123,22 @@ pub fn stream_window(rtt: Duration, base: u32) -> u32 {
 }
 
 /// A session's per-stream window, following the RTTs its keepalive measures.
+///
+/// The window follows the smallest of the last [`RTT_SAMPLES`] round trips (the link's own
+/// delay; a busy peer's or a queue's delay on top is not the link's) and changes only when it
+/// moves by more than a quarter. Every change is a SETTINGS exchange (four packets): a window
+/// that followed each sample would send one on nearly every PING of a WAN link, whose RTT
+/// jitters by more than the few per cent that move the window, and double its idle traffic.
 pub struct Windows {
     rtt: tokio::sync::watch::Receiver<Option<Duration>>,
     base: u32,
     current: u32,
+    recent: std::collections::VecDeque<Duration>,
 }
+
+/// How many round trips the window's RTT is the minimum of (at the default keepalive, the
+/// last four minutes): a longer path is followed after that long, a shorter one at once.
+pub const RTT_SAMPLES: usize = 8;
 
 impl Windows {
     pub fn new(rtt: tokio::sync::watch::Receiver<Option<Duration>>, base: u32) -> Self {
@@ -135,16 +146,27 @@ impl Windows {
             rtt,
             base,
             current: base,
+            recent: std::collections::VecDeque::with_capacity(RTT_SAMPLES),
         }
     }
 
-    /// Waits for the next RTT measurement; the RTT and the new window when the window changes
-    /// (None otherwise, or once the keepalive has ended).
+    /// Waits for the next RTT measurement; the link's RTT and the new window when the window
+    /// should change (None otherwise, or once the keepalive has ended).
     pub async fn resized(&mut self) -> Option<(Duration, u32)> {
         self.rtt.changed().await.ok()?;
         let rtt = (*self.rtt.borrow_and_update()).unwrap_or_default();
+        self.next(rtt)
+    }
+
+    fn next(&mut self, sample: Duration) -> Option<(Duration, u32)> {
+        if self.recent.len() == RTT_SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(sample);
+        let rtt = self.recent.iter().min().copied().unwrap_or(sample);
         let w = stream_window(rtt, self.base);
-        (w != self.current).then(|| {
+        let (cur, new) = (u64::from(self.current), u64::from(w));
+        (new * 4 > cur * 5 || new * 4 < cur * 3).then(|| {
             self.current = w;
             (rtt, w)
         })
@@ -163,6 +185,35 @@ pub fn log_resize(peer: &str, rtt: Duration, window: u32, applied: Result<(), h2
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_follows_the_links_rtt_and_not_its_jitter() {
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let base = 1 << 20;
+        let mut w = Windows::new(rx, base);
+        let ms = |m: f64| Duration::from_secs_f64(m / 1e3);
+        let got = |w: &mut Windows, m: f64| w.next(ms(m)).map(|x| x.1);
+        // A loaded LAN peer: samples from 0.1 to 8 ms, the link 0.1 ms: base throughout.
+        for m in [0.1, 5.0, 0.3, 8.0, 0.2, 4.0, 6.0, 0.1, 7.5, 3.9] {
+            assert_eq!(got(&mut w, m), None, "{m} ms");
+        }
+        // A WAN link (50 ms): the first sample sizes the window (after the LAN samples
+        // have left the filter); jitter above it changes nothing.
+        let mut w = Windows::new(tokio::sync::watch::channel(None).1, base);
+        assert_eq!(got(&mut w, 50.0), Some(15_625_000));
+        for m in [57.0, 53.0, 80.0, 55.0, 51.0, 120.0, 52.0, 50.5, 61.0] {
+            assert_eq!(got(&mut w, m), None, "{m} ms");
+        }
+        // A shorter path is followed at once; a longer one after RTT_SAMPLES samples.
+        assert_eq!(got(&mut w, 20.0), Some(6_250_000));
+        let mut longer = Vec::new();
+        for _ in 0..RTT_SAMPLES {
+            longer.push(got(&mut w, 45.0));
+        }
+        assert_eq!(longer.iter().filter(|x| x.is_some()).count(), 1);
+        assert_eq!(longer.last().copied().flatten(), Some(14_062_500));
+        assert_eq!(got(&mut w, 0.2), Some(base), "back on a LAN");
+    }
 
     #[test]
     fn windows_follow_the_bandwidth_delay_product_within_bounds() {
