@@ -193,9 +193,13 @@ pub async fn reconcile<S: AllocationStore>(
             true
         }
         Err(e) => {
-            // What the file holds is unknown: the next publish writes it whole.
+            // What the file holds is unknown: the next publish writes it whole. A failed
+            // write is retried soon (transient); a table the rules refuse waits for a change.
             state.writer = None;
-            return Err(e.into());
+            return Err(match e {
+                edge_model::Error::Io { what, source } => SyncError::io(what, source),
+                other => other.into(),
+            });
         }
     };
     metrics.nodes.set(table.nodes.len() as i64);
