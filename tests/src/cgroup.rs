@@ -56,8 +56,20 @@ impl TestCgroup {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        if let Err(e) = fs::remove_dir(path) {
-            eprintln!("cleanup: rmdir {}: {e}", path.display());
+        // A member that has just left can keep the cgroup busy for a moment (its exit is
+        // still being accounted): retry EBUSY briefly instead of leaving the directory behind.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match fs::remove_dir(path) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    eprintln!("cleanup: rmdir {}: {e}", path.display());
+                    break;
+                }
+            }
         }
     }
 }

@@ -135,7 +135,9 @@ pub async fn apply_one<S: AllocationStore + Sync>(
             }
         }
     };
-    state.missing.0.retain(|n, _| node.is_none() || n != name);
+    if node.is_some() {
+        state.missing.0.remove(name);
+    }
     if let Entry::Upsert { id, addrs, tunnel } = &entry
         && current.node(id) == Some((addrs.as_slice(), *tunnel))
     {
