@@ -108,8 +108,22 @@ struct Inner {
     ingress_held: Arc<std::sync::atomic::AtomicUsize>,
     /// Which nodes answer streams, and when they last did.
     reach: Reach,
+    /// The one clock over every session's silence: keepalives keep no timer of their own.
+    silence: Arc<tunnel_proto::silence::SilenceWatch>,
     /// This replica's name, as probes and explanations report it.
     replica: Arc<str>,
+}
+
+/// An agent's connection once both handshakes are done.
+struct Established {
+    node: String,
+    der: rustls::pki_types::CertificateDer<'static>,
+    heard: Arc<tunnel_proto::heard::LastHeard>,
+    send: h2::client::SendRequest<Bytes>,
+    conn: h2::client::Connection<
+        tunnel_proto::heard::Heard<tokio_rustls::server::TlsStream<TcpStream>>,
+        Bytes,
+    >,
 }
 
 /// Cheap to clone; all clones share sessions, routes and counters.
@@ -160,6 +174,7 @@ impl Server {
             )),
             ingress_held: Default::default(),
             reach: Reach::default(),
+            silence: crate::keepalive::silence_watch(cfg.keepalive),
             replica: replica_name().into(),
             cfg,
         }))
@@ -431,14 +446,14 @@ impl Server {
         });
     }
 
-    async fn agent_session(
+    /// The TLS and HTTP/2 handshakes of an agent's connection, and who it is.
+    async fn establish(
         &self,
         acceptor: tokio_rustls::TlsAcceptor,
         tcp: TcpStream,
         peer: SocketAddr,
         ticket: Ticket,
-        shutdown: CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<Established> {
         let _ = tcp.set_nodelay(true);
         let timeout = self.0.cfg.limits.handshake_timeout;
         let tls = tokio::select! {
@@ -466,8 +481,8 @@ impl Server {
             .ok_or_else(|| Error::Identity("agent presented no certificate".into()))?
             .clone();
         let node = identity::node_id_from_cert(&der)?;
-        let heard = tunnel_proto::heard::LastHeard::new();
-        let (send, mut conn) = h2::client::Builder::new()
+        let heard = self.0.silence.watch();
+        let (send, conn) = h2::client::Builder::new()
             .initial_window_size(self.0.cfg.stream_window)
             // Connection-level window: effectively off; memory is bounded per stream, and a
             // shared window is what let one stalled stream freeze a whole session.
@@ -477,6 +492,33 @@ impl Server {
             .handshake::<_, Bytes>(tunnel_proto::heard::Heard::new(tls, heard.clone()))
             .await
             .map_err(|e| Error::h2(format!("handshake with agent {node}"), e))?;
+        Ok(Established {
+            node,
+            der,
+            heard,
+            send,
+            conn,
+        })
+    }
+
+    async fn agent_session(
+        &self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        ticket: Ticket,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        // Boxed, and freed once done: inline, the handshakes' futures (the TLS acceptor's
+        // state, the HTTP/2 preface) made every idle session's task 7 KiB where the
+        // running session needs about half of that.
+        let Established {
+            node,
+            der,
+            heard,
+            send,
+            mut conn,
+        } = Box::pin(self.establish(acceptor, tcp, peer, ticket)).await?;
         let id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
         // Held for the connection's life: h2 closes a client connection once every handle is
         // gone, so without this a newer session of the node (a certificate rotation, a second

@@ -1,7 +1,8 @@
 //! When a session last heard from its peer: a transport wrapper that stamps every read. The
 //! server's keepalive ([`crate::keepalive::run_listening`]) uses it to stay quiet while the
 //! agent's own PINGs (or anything else) keep arriving, so an idle session carries one PING
-//! exchange per interval instead of two.
+//! exchange per interval instead of two. The server's [`crate::silence::SilenceWatch`] reads
+//! the stamps of all its sessions and wakes a keepalive once its session has gone silent.
 use std::{
     pin::Pin,
     sync::{
@@ -19,25 +20,51 @@ pub struct LastHeard {
     base: Instant,
     /// Nanoseconds after `base` of the last read that returned bytes.
     at: AtomicU64,
+    /// Rung by the silence watch: the session has been silent for its threshold.
+    woken: tokio::sync::Notify,
 }
 
 impl LastHeard {
-    pub fn new() -> Arc<Self> {
+    /// Watched stamps come from [`crate::silence::SilenceWatch::watch`], which shares its
+    /// `base` with all of them so that one clock reading serves a whole scan.
+    pub(crate) fn new(base: Instant) -> Arc<Self> {
         Arc::new(Self {
-            base: Instant::now(),
-            at: AtomicU64::new(0),
+            base,
+            at: AtomicU64::new(base.elapsed().as_nanos() as u64),
+            woken: tokio::sync::Notify::new(),
         })
     }
 
-    fn stamp(&self) {
+    pub(crate) fn stamp(&self) {
         self.at
             .store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Time since the peer last sent anything (since creation, if never).
     pub fn silent_for(&self) -> Duration {
-        let at = Duration::from_nanos(self.at.load(Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(at)
+        self.silent_at(self.base.elapsed())
+    }
+
+    /// Silence at `since_base` after the stamp's base.
+    pub(crate) fn silent_at(&self, since_base: Duration) -> Duration {
+        since_base.saturating_sub(Duration::from_nanos(self.at.load(Ordering::Relaxed)))
+    }
+
+    /// Returns once the peer has been silent for `quiet`. Only a [`SilenceWatch`] ringing
+    /// this stamp ends the wait, so the stamp must come from its `watch` and `quiet` be no
+    /// shorter than the watch's threshold.
+    ///
+    /// [`SilenceWatch`]: crate::silence::SilenceWatch
+    pub async fn until_silent(&self, quiet: Duration) {
+        // A ring stored while the session was busy (pinging) finds it no longer silent: the
+        // loop waits again.
+        while self.silent_for() < quiet {
+            self.woken.notified().await;
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        self.woken.notify_one();
     }
 }
 

@@ -72,11 +72,15 @@ async fn ping(
     }
 }
 
-/// The server's side: it pings only when the peer has been silent for `interval +
-/// timeout / 2`, and then wants the answer within `timeout / 2`, so a dead peer is still found
-/// within `interval + timeout`. An agent pinging every `interval` (the same default) keeps it
-/// quiet: an idle session carries one PING exchange per interval, not one from each end. The
-/// first PING goes out at once, as in [`run`], to learn the round-trip time.
+/// The server's side: it pings only when the peer has been silent for [`listening_quiet`]
+/// (`interval + timeout / 2`, less the watch's tick), and then wants the answer within
+/// `timeout / 2`, so a dead peer is still found within `interval + timeout`. An agent pinging
+/// every `interval` (the same default) keeps it quiet: an idle session carries one PING
+/// exchange per interval, not one from each end. The first PING goes out at once, as in
+/// [`run`], to learn the round-trip time.
+///
+/// `heard` comes from the server's [`silence_watch`]: the session keeps no timer of its own
+/// while it waits.
 pub async fn run_listening(
     mut pp: h2::PingPong,
     ka: Keepalive,
@@ -85,26 +89,40 @@ pub async fn run_listening(
     rtt: &tokio::sync::watch::Sender<Option<Duration>>,
 ) -> String {
     let answer_within = ka.timeout / 2;
-    let quiet_for = ka.interval + (ka.timeout - answer_within);
+    let quiet_for = listening_quiet(ka);
     let mut first = true;
     loop {
         if !first {
-            let silent = heard.silent_for();
-            if silent < quiet_for {
-                tokio::time::sleep(quiet_for - silent).await;
-                continue;
-            }
+            heard.until_silent(quiet_for).await;
         }
         let within = if first { ka.timeout } else { answer_within };
         first = false;
         if let Err(why) = ping(&mut pp, within, rtt_us, rtt).await {
             return why.unwrap_or_else(|| {
                 format!(
-                    "peer sent nothing for {quiet_for:?} and did not answer a keepalive PING within {within:?}"
+                    "peer sent nothing for {:?} and did not answer a keepalive PING within {within:?}",
+                    heard.silent_for().saturating_sub(within)
                 )
             });
         }
     }
+}
+
+/// How long the server lets a peer be silent before it pings: `interval + timeout / 2`, less
+/// the [`SilenceWatch`] tick by which the wake may come late.
+///
+/// [`SilenceWatch`]: crate::silence::SilenceWatch
+pub fn listening_quiet(ka: Keepalive) -> Duration {
+    let tick = crate::silence::SilenceWatch::tick_for(ka.timeout);
+    (ka.interval + (ka.timeout - ka.timeout / 2)).saturating_sub(tick)
+}
+
+/// The one watch over a server's sessions, for keepalive `ka`.
+pub fn silence_watch(ka: Keepalive) -> std::sync::Arc<crate::silence::SilenceWatch> {
+    crate::silence::SilenceWatch::new(
+        listening_quiet(ka),
+        crate::silence::SilenceWatch::tick_for(ka.timeout),
+    )
 }
 
 /// What one stream should be able to carry on a long link before its window, not the link,

@@ -8,6 +8,7 @@
 //! - [`wire`]: requests, headers, refusal reasons, the enrollment answer.
 //! - [`relay`]: TCP <-> stream with half-close, abort and per-stream flow control.
 //! - [`keepalive`]: PING, dead-peer detection, stream windows that follow the RTT.
+//! - [`heard`], [`silence`]: when each session last heard its peer, one clock over them all.
 //! - [`tls`]: rustls configurations, PEM loading, live reload.
 //! - [`identity`]: the node identity in certificates and CSRs.
 //! - [`files`]: private files (keys, certificates).
@@ -19,6 +20,7 @@ pub mod heard;
 pub mod identity;
 pub mod keepalive;
 pub mod relay;
+pub mod silence;
 pub mod tls;
 pub mod wire;
 
