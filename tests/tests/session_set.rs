@@ -1,13 +1,27 @@
 //! A node stays reachable while any of its sessions lives, with the real binaries: a rolling
-//! agent upgrade with `maxSurge` (a second agent beside the first, then the first drained with
-//! SIGTERM), then a third agent and a SIGKILL of that newest one. A client connects steadily
-//! through all of it. Each agent dials its node differently, so every answer says which agent
-//! served it. Root only.
-use std::{thread, time::Duration};
+//! agent upgrade with `maxSurge` (a second agent beside the first, on the same node's network
+//! and metrics port, ready by its own probe, then the first drained with SIGTERM), then a third
+//! agent and a SIGKILL of that newest one. A client connects steadily through all of it. Each
+//! agent dials its node differently, so every answer says which agent served it. Root only.
+use std::{
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
 
 use redirector_tests::{LoggedProc, World, pki::TestPki, tunnel_procs};
 
 const TARGET: &str = "198.51.100.12:10250";
+
+/// The metrics port every agent is given, as the DaemonSet gives it (the edge namespace is
+/// this test's own, so the port is free), and the span they may take from it.
+const METRICS_AT: &str = "127.0.0.1:10264";
+const METRICS_SPAN: &str = "3";
+
+/// Where the `nth` agent records its metrics address (as in its pod's volume).
+fn addr_file(w: &World, nth: usize) -> PathBuf {
+    w.dir.join(format!("agent-{nth}.metrics.addr"))
+}
 
 /// An agent of edge-c (with `args`) reaching its kubelet stand-in at `dial`; returns once the
 /// server has logged `nth` sessions of edge-c in all.
@@ -19,12 +33,55 @@ fn agent(
     nth: usize,
 ) -> LoggedProc {
     let at = args.iter().position(|a| a == "--dial").expect("--dial") + 1;
+    let ml = args
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("--metrics-listen")
+        + 1;
+    let file = addr_file(w, nth).display().to_string();
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args[at] = dial;
+    args[ml] = METRICS_AT;
+    args.extend([
+        "--metrics-port-span",
+        METRICS_SPAN,
+        "--metrics-addr-file",
+        &file,
+    ]);
     let p = LoggedProc::spawn(w, &format!("agent-{nth}"), &w.edge, "tunnel-agent", &args);
     st.server
         .wait_log_count(&["agent session up", "node=edge-c"], nth);
     p
+}
+
+/// `tunnel-agent probe` against the agent that recorded `file`, run where a pod's exec probe
+/// runs (the node's network); Ok or the probe's complaint.
+fn probe(w: &World, file: &Path, path: &str) -> Result<(), String> {
+    let mut cmd =
+        std::process::Command::new(redirector_tests::spawn::workspace_bin("tunnel-agent"));
+    cmd.args(["probe", "--path", path, "--metrics-addr-file"])
+        .arg(file);
+    redirector_tests::spawn::place(&mut cmd, None, Some(&w.edge));
+    let out = cmd.output().expect("tunnel-agent probe");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Waits (10 s at most) for the agent of `file` to call itself ready.
+fn wait_ready(w: &World, file: &Path) {
+    let t0 = Instant::now();
+    loop {
+        match probe(w, file, "/readyz") {
+            Ok(()) => return,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                panic!("{} never ready: {e}", file.display())
+            }
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 #[test]
@@ -43,11 +100,18 @@ fn surge_drain_and_a_killed_newest_session_leave_no_gap_over_a_second() {
         "127.0.0.1:0",
     );
     let mut first = agent(&w, &args, &mut st, "127.0.0.1", 1);
+    wait_ready(&w, &addr_file(&w, 1));
     let client = w.paced_loop(TARGET, 9000, 5);
 
     thread::sleep(Duration::from_millis(1000));
-    // Surge: the upgraded agent comes up beside the old one and takes new streams.
+    // Surge: the upgraded agent comes up beside the old one, on the next metrics port (a fixed
+    // one would stop it), and takes new streams. Each pod's probe reaches its own agent.
     let _second = agent(&w, &args, &mut st, "198.51.100.12", 2);
+    wait_ready(&w, &addr_file(&w, 2));
+    let port = |nth| std::fs::read_to_string(addr_file(&w, nth)).unwrap();
+    assert_eq!(port(1).trim(), "127.0.0.1:10264");
+    assert_eq!(port(2).trim(), "127.0.0.1:10265");
+    probe(&w, &addr_file(&w, 1), "/healthz").expect("the old agent still answers its own probe");
     thread::sleep(Duration::from_millis(1000));
     // The old one is drained (GOAWAY) and exits, as a pod deletion does.
     let st_first = first.stop(libc::SIGTERM, Duration::from_secs(15));
@@ -56,9 +120,14 @@ fn surge_drain_and_a_killed_newest_session_leave_no_gap_over_a_second() {
         "drained agent exited {st_first}:\n{}",
         first.log()
     );
+    let gone = probe(&w, &addr_file(&w, 1), "/healthz").unwrap_err();
+    assert!(gone.contains("127.0.0.1:10264"), "{gone}");
     thread::sleep(Duration::from_millis(1000));
-    // A third (say, a replacement started by hand), then it dies at once.
+    // A third (say, a replacement started by hand), then it dies at once. The first's port is
+    // free again: it takes that.
     let mut third = agent(&w, &args, &mut st, "::1", 3);
+    wait_ready(&w, &addr_file(&w, 3));
+    assert_eq!(port(3).trim(), "127.0.0.1:10264");
     thread::sleep(Duration::from_millis(1000));
     third.stop(libc::SIGKILL, Duration::from_secs(5));
     st.server.wait_log(&[

@@ -8,13 +8,15 @@
 //! - [`run`]: the whole agent from its [`run::Settings`] (what `tunnel-agent` runs).
 //! - [`session`]: sessions to every replica, rotation, the allow-listed local dial.
 //! - [`pki`], [`enroll`], `csr_api`: certificates from files, a bootstrap token or the CSR API.
-//! - [`metrics`]: the agent's Prometheus metrics.
+//! - [`metrics`]: the agent's Prometheus metrics; [`metrics_port`]: their port when two agents
+//!   share a node, and `tunnel-agent probe`.
 //! - [`connect`]: which streams it serves (CONNECT, its own node, allow-listed ports).
 pub mod connect;
 #[cfg(feature = "csr-api")]
 pub mod csr_api;
 pub mod enroll;
 pub mod metrics;
+pub mod metrics_port;
 pub mod pki;
 pub mod refused_cert;
 pub mod run;

@@ -66,6 +66,45 @@ struct Args {
     /// Seconds a draining session (certificate rotation, shutdown) keeps its open streams.
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "300", value_parser = edge_cli::seconds::positive)]
     drain_timeout: Duration,
+    /// How many ports from --metrics-listen's on the agent may take, the first free one: a
+    /// second agent on the node (the new pod of a rolling upgrade, beside the old) takes the
+    /// next instead of failing.
+    #[arg(long, env = "TUNNEL_METRICS_PORT_SPAN", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    metrics_port_span: u16,
+    /// Write the metrics endpoint's address here, for `tunnel-agent probe` (in the pod's own
+    /// volume, so each pod's probes reach its own agent).
+    #[arg(long, env = "TUNNEL_METRICS_ADDR_FILE")]
+    metrics_addr_file: Option<PathBuf>,
+}
+
+/// `tunnel-agent probe`: a pod's liveness or readiness check, by exec, against its own agent.
+#[derive(Parser)]
+#[command(
+    name = "tunnel-agent probe",
+    about = "Checks this pod's agent: GET /readyz (or --path) from the address it recorded; exit 0 when it answers 200"
+)]
+struct ProbeArgs {
+    /// The file the agent's --metrics-addr-file names.
+    #[arg(long, env = "TUNNEL_METRICS_ADDR_FILE")]
+    metrics_addr_file: PathBuf,
+    /// `/readyz` (a session to every server replica) or `/healthz` (the process answers).
+    #[arg(long, default_value = "/readyz")]
+    path: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value = "2", value_parser = edge_cli::seconds::positive)]
+    timeout: Duration,
+}
+
+fn probe() -> ExitCode {
+    let args = std::env::args_os().skip(2);
+    let a = ProbeArgs::parse_from(std::iter::once("tunnel-agent probe".into()).chain(args));
+    match tunnel_agent::metrics_port::probe(&a.metrics_addr_file, &a.path, a.timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn settings(a: Args) -> Result<Settings, String> {
@@ -110,10 +149,15 @@ fn settings(a: Args) -> Result<Settings, String> {
             .common
             .metrics_listen
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("static")),
+        metrics_port_span: a.metrics_port_span,
+        metrics_addr_file: a.metrics_addr_file,
     })
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "probe") {
+        return probe();
+    }
     // Before any thread: flat memory after bursts (see edge_cli::memory).
     edge_cli::memory::without_thread_cache();
     edge_cli::process::raise_nofile();

@@ -9,6 +9,9 @@ pub use tunnel_proto::keepalive::{Direction, Reason};
 #[derive(Clone, Default)]
 pub struct AgentMetrics {
     pub sessions: Gauge,
+    /// Server replicas known (one session to each is kept): the agent is ready when it holds
+    /// a session to every one.
+    pub replicas: Gauge,
     pub sessions_established: Counter,
     /// Sessions sent GOAWAY to drain (certificate rotation, shutdown).
     pub sessions_drained: Counter,
@@ -20,11 +23,24 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
+    /// Ready: a session to every known replica. A new agent beside an old one (a rolling
+    /// upgrade with a surge pod) must not let the old one go while some replica would be left
+    /// without a session of this node.
+    pub fn ready(&self) -> bool {
+        let replicas = self.replicas.get();
+        replicas > 0 && self.sessions.get() >= replicas
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "tunnel_agent_sessions",
             "Server sessions currently up",
             self.sessions.clone(),
+        );
+        r.register(
+            "tunnel_agent_server_replicas",
+            "Server replicas known, one session to each wanted",
+            self.replicas.clone(),
         );
         r.register(
             "tunnel_agent_sessions_established",

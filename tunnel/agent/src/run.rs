@@ -57,8 +57,12 @@ pub struct Settings {
     pub dial: Vec<IpAddr>,
     pub keepalive: Keepalive,
     pub drain_timeout: Duration,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    /// Where `/metrics`, `/healthz` and `/readyz` are served: the first free port of
+    /// `metrics_listen`'s and the `metrics_port_span - 1` after it.
     pub metrics_listen: SocketAddr,
+    pub metrics_port_span: u16,
+    /// Where the address taken is written, for `tunnel-agent probe`.
+    pub metrics_addr_file: Option<PathBuf>,
 }
 
 /// The metrics port when none is given.
@@ -106,18 +110,19 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
     let metrics = Arc::new(AgentMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
-    let ml = tunnel_proto::listen(s.metrics_listen).map_err(|e| {
-        Error::io(
-            format!("cannot listen on {} (metrics)", s.metrics_listen),
-            e,
-        )
-    })?;
+    let ml = crate::metrics_port::bind(s.metrics_listen, s.metrics_port_span)?;
+    let at = ml
+        .local_addr()
+        .map_err(|e| Error::io("metrics listener address", e))?;
+    if let Some(file) = &s.metrics_addr_file {
+        crate::metrics_port::record(file, at)?;
+    }
+    tracing::info!(%at, "metrics, /healthz and /readyz listening");
     let m = metrics.clone();
-    // Ready once at least one server session is up.
     tokio::spawn(edge_cli::http::serve(
         ml,
         registry,
-        Arc::new(move || m.sessions.get() > 0),
+        Arc::new(move || m.ready()),
         shutdown.clone(),
     ));
     if matches!(s.certificates, Certificates::Enrolled { .. }) {

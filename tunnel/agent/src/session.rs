@@ -186,6 +186,7 @@ pub async fn run(cfg: AgentConfig, stats: Arc<AgentMetrics>, shutdown: Cancellat
             }
             keep
         });
+        stats.replicas.set(running.len() as i64);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(cfg.resolve_interval) => {}
