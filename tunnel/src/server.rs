@@ -117,7 +117,8 @@ struct Inner {
 /// An agent's connection once both handshakes are done.
 struct Established {
     node: String,
-    der: rustls::pki_types::CertificateDer<'static>,
+    /// When its certificate expires (the certificate itself is not kept for the session).
+    expires: Option<std::time::SystemTime>,
     heard: Arc<tunnel_proto::heard::LastHeard>,
     send: h2::client::SendRequest<Bytes>,
     conn: h2::client::Connection<
@@ -494,7 +495,7 @@ impl Server {
             .map_err(|e| Error::h2(format!("handshake with agent {node}"), e))?;
         Ok(Established {
             node,
-            der,
+            expires: identity::not_after(&der),
             heard,
             send,
             conn,
@@ -514,7 +515,7 @@ impl Server {
         // running session needs about half of that.
         let Established {
             node,
-            der,
+            expires,
             heard,
             send,
             mut conn,
@@ -566,7 +567,7 @@ impl Server {
         }
         self.0.stats.sessions_accepted.inc();
         // It answered the HTTP/2 handshake just now.
-        self.0.reach.session_up(&node, identity::not_after(&der));
+        self.0.reach.session_up(&node, expires);
         self.log_session(
             "up",
             |more| tracing::info!(node = %node, %peer, session = id, "agent session up{more}"),
