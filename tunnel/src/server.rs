@@ -554,7 +554,12 @@ impl Server {
                 // A rolling upgrade or a rotation looks like this; so does a second process
                 // holding the node's certificate. Either way an operator must be able to see it.
                 self.0.stats.session_takeovers.inc();
-                tracing::warn!(node = %node, %peer, session = id, previous_peer = %prev.peer, previous_session = prev.id, "a second session of this node takes its new streams; the previous one stays up until it ends (expected during an agent upgrade or certificate rotation; otherwise another process holds this node's certificate)");
+                // One line each while they are few; a fleet-wide agent rollout (or every
+                // agent rotating its certificate at once) is counted into the next line.
+                let prev = (prev.peer, prev.id);
+                self.log_session("takeover", |more| {
+                    tracing::warn!(node = %node, %peer, session = id, previous_peer = %prev.0, previous_session = prev.1, "a second session of this node takes its new streams; the previous one stays up until it ends (expected during an agent upgrade or certificate rotation; otherwise another process holds this node's certificate){more}");
+                });
             }
             live.push(Session {
                 id,
