@@ -20,6 +20,7 @@ pub mod heard;
 pub mod identity;
 pub mod keepalive;
 pub mod relay;
+pub mod resume;
 pub mod silence;
 pub mod tls;
 pub mod wire;

@@ -25,11 +25,11 @@ use tokio::{
 
 /// Largest read from TCP per DATA chunk. Big reads halve the per-byte CPU (measured in the
 /// h2 prototype).
-const CHUNK: usize = 256 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 /// How long the surviving direction of an aborted relay may take to notice.
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// First read size; doubles while reads fill the buffer.
-const FIRST_READ: usize = 8 * 1024;
+pub(crate) const FIRST_READ: usize = 8 * 1024;
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
