@@ -52,6 +52,8 @@ pub struct ServerMetrics {
     pub node_checks: Family<CheckLabel, Counter>,
     /// The redirector's ingress probes answered (connections to its probe address).
     pub ingress_probes: Counter,
+    /// Streams parked across a lost session, resumed, or reset instead.
+    pub resume: tunnel_proto::resume::ResumeMetrics,
 }
 
 /// Reasons an agent connection is closed before authentication (the `admission` family).
@@ -88,6 +90,7 @@ impl ServerMetrics {
 
     pub fn register(&self, r: &mut Registry) {
         self.zeroes();
+        self.resume.register("tunnel_server", r);
         r.register(
             "tunnel_server_sessions",
             "Agent sessions currently up",

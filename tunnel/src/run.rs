@@ -43,6 +43,7 @@ pub enum Certificates {
 pub struct Settings {
     pub certificates: Certificates,
     pub keepalive: Keepalive,
+    pub resume: tunnel_proto::resume::ResumeConfig,
     /// Lifetime of issued certificates (agents renew at two thirds).
     pub cert_lifetime: Duration,
     /// The node table file: followed here, as the redirector follows it.
@@ -97,6 +98,7 @@ pub async fn run(
     let pki = Arc::new(pki(&s, &shutdown).await?);
     let mut cfg = ServerConfig::new(pki.agents_config()?);
     cfg.keepalive = s.keepalive;
+    cfg.resume = s.resume;
     cfg.limits = s.limits;
     cfg.trimmer = Some(edge_cli::memory::Trimmer::spawn(shutdown.clone()));
     if let Some(path) = &s.audit_log {

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -26,11 +26,13 @@ use crate::{
     metrics::{AdmissionLabel, CheckLabel, Direction, Reason, ServerMetrics},
     reach::{Reach, Seen},
     relay,
-    relay::End,
+    relay::{End, Leg, Up},
     wire,
 };
+use tunnel_proto::resume::{Budget, FlowId, Progress, RESUME_HEADER, Resend, Retained, keep_for};
 
 mod explain;
+mod resume;
 
 pub use edge_model::routes::{Route, Routes};
 pub use explain::{debug_handler as explain_handler, replica_name};
@@ -57,6 +59,9 @@ pub struct ServerConfig {
     pub trimmer: Option<edge_cli::memory::Trimmer>,
     /// The per-stream audit trail (`--audit-log`), off when None.
     pub audit: Option<crate::audit::Audit>,
+    /// How long a stream whose session was lost waits for the node's next one, and how much
+    /// each session's streams may keep for it.
+    pub resume: tunnel_proto::resume::ResumeConfig,
 }
 
 impl ServerConfig {
@@ -69,6 +74,7 @@ impl ServerConfig {
             keepalive: Default::default(),
             trimmer: None,
             audit: None,
+            resume: Default::default(),
         }
     }
 }
@@ -81,7 +87,12 @@ struct Session {
     since: std::time::SystemTime,
     /// Cancelled when newer sessions of the node pushed this one over the bound.
     evicted: CancellationToken,
+    /// What its streams keep for resumption (--resume-buffer-per-session).
+    budget: Arc<Budget>,
 }
+
+/// A session that may take a new stream, and the budget its streams keep their bytes in.
+type Candidate = (SendRequest<Bytes>, Arc<Budget>);
 
 /// Where routes come from: a fixed set (tests, benchmarks), or the node-table follower, whose
 /// current snapshot is read per connection and refreshed on a miss.
@@ -112,6 +123,8 @@ struct Inner {
     silence: Arc<tunnel_proto::silence::SilenceWatch>,
     /// This replica's name, as probes and explanations report it.
     replica: Arc<str>,
+    /// Per node with parked streams: woken when a session of the node comes up.
+    resume_wake: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 /// An agent's connection once both handshakes are done.
@@ -177,6 +190,7 @@ impl Server {
             reach: Reach::default(),
             silence: crate::keepalive::silence_watch(cfg.keepalive),
             replica: replica_name().into(),
+            resume_wake: Mutex::default(),
             cfg,
         }))
     }
@@ -260,7 +274,7 @@ impl Server {
     async fn check_node(&self, node: &str, timeout: Duration) {
         let check = async {
             let req = wire::health_request(node, 0).map_err(|e| e.to_string())?;
-            let (resp, _body) = open_stream(self.candidates(node), req, true).await?;
+            let (resp, _body, _) = open_stream(self.candidates(node), req, true).await?;
             // Any answer is the agent's: an agent older than health streams refuses this one
             // (port 0 is never allowed), which proves the same.
             resp.await.map_err(|e| format!("awaiting the agent: {e}"))
@@ -297,14 +311,39 @@ impl Server {
     }
 
     /// A node's sessions that may take a new stream, newest first.
-    fn candidates(&self, node: &str) -> Vec<SendRequest<Bytes>> {
+    fn candidates(&self, node: &str) -> Vec<Candidate> {
         self.0
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
-            .map(|live| live.iter().rev().map(|s| s.send.clone()).collect())
+            .map(|live| {
+                live.iter()
+                    .rev()
+                    .map(|s| (s.send.clone(), s.budget.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// What a node's parked streams wait on for its next session.
+    pub(crate) fn resume_wake(&self, node: &str) -> Arc<tokio::sync::Notify> {
+        self.0
+            .resume_wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `node`'s wake-up once no parked stream holds it but `wake` itself.
+    pub(crate) fn resume_unwake(&self, node: &str, wake: Arc<tokio::sync::Notify>) {
+        let mut waits = self.0.resume_wake.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this one: nobody else waits.
+        if Arc::strong_count(&wake) <= 2 {
+            waits.remove(node);
+        }
     }
 
     /// How many redirected connections were refused for `why`.
@@ -567,8 +606,22 @@ impl Server {
                 peer,
                 since: std::time::SystemTime::now(),
                 evicted: evicted.clone(),
+                budget: Budget::counted(
+                    self.0.cfg.resume.budget_per_session,
+                    self.0.stats.resume.held_bytes.clone(),
+                ),
             });
             self.0.stats.sessions.set(sessions.len() as i64);
+        }
+        // Streams of the node parked by a lost session resume on this one.
+        if let Some(wake) = self
+            .0
+            .resume_wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+        {
+            wake.notify_waiters();
         }
         self.0.stats.sessions_accepted.inc();
         // It answered the HTTP/2 handshake just now.
@@ -832,11 +885,19 @@ impl Server {
                 format!("node {node} has no agent session; refused"),
             ));
         }
+        // Asked resumable; the agent's echo says whether it will be (an older agent ignores it).
+        let flow = self.0.cfg.resume.enabled().then(FlowId::random);
         let open = async {
-            let req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
+            let mut req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
+            if let Some(id) = flow {
+                req.headers_mut().insert(
+                    RESUME_HEADER,
+                    id.header().parse().expect("hex is a header value"),
+                );
+            }
             open_stream(candidates, req, false).await
         };
-        let (resp, tx) = match tokio::time::timeout(self.0.cfg.open_timeout, open).await {
+        let (resp, tx, budget) = match tokio::time::timeout(self.0.cfg.open_timeout, open).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 return Err(self.refuse(
@@ -856,9 +917,14 @@ impl Server {
         // The agent's answer is awaited inside the relay: the client's first bytes travel with
         // the stream open instead of one round trip later.
         let refused: Mutex<Option<Refusal>> = Mutex::new(None);
+        let echoed = AtomicBool::new(false);
         let answer = async {
             let why = match tokio::time::timeout(self.0.cfg.open_timeout, resp).await {
                 Ok(Ok(r)) if r.status() == http::StatusCode::OK => {
+                    let echo = r.headers().get(RESUME_HEADER).and_then(|v| v.to_str().ok());
+                    if flow.is_some_and(|id| echo == Some(id.header().as_str())) {
+                        echoed.store(true, Ordering::Relaxed);
+                    }
                     // Counted when the agent accepted it, before any reply reaches the client.
                     self.0.stats.streams_total.inc();
                     self.0.reach.reached(&node);
@@ -896,7 +962,34 @@ impl Server {
             None
         };
         let st = &self.0.stats;
-        let out = relay::relay_before_answer(tcp, relay::Up::Open(tx), answer).await;
+        let mut tcp = tcp;
+        let keep = flow.map(|_| Retained::new(keep_for(self.0.cfg.stream_window), budget));
+        let mut p = Progress::new(keep);
+        let mut leg = relay::leg(&mut tcp, Up::Open(tx), answer, &mut p, Resend::default()).await;
+        let end = loop {
+            let id = match (leg, flow) {
+                (Leg::Done(end), _) => break end,
+                (Leg::Lost, Some(id)) if echoed.load(Ordering::Relaxed) && p.resumable() => id,
+                (Leg::Lost, flow) => {
+                    if flow.is_some() {
+                        st.resume.fail("unresumable");
+                    }
+                    relay::abort(&tcp);
+                    break End::Reset;
+                }
+            };
+            match self.resume(&node, port, id, &mut p).await {
+                Some((tx, rx, resend)) => {
+                    leg =
+                        relay::leg(&mut tcp, Up::Open(tx), async { Some(rx) }, &mut p, resend).await
+                }
+                None => {
+                    relay::abort(&tcp);
+                    break End::Reset;
+                }
+            }
+        };
+        let out = relay::outcome(&p, end);
         if let Some(why) = *refused.lock().unwrap() {
             return Err(why);
         }
@@ -945,16 +1038,24 @@ impl Server {
 /// Opens a stream with `req` on the first of `candidates` (newest first) that takes one: a
 /// session that no longer does (its agent sent GOAWAY, or it is closing) hands it to the next.
 async fn open_stream(
-    candidates: Vec<SendRequest<Bytes>>,
+    candidates: Vec<Candidate>,
     req: http::Request<()>,
     end_of_stream: bool,
-) -> std::result::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
+) -> std::result::Result<
+    (
+        h2::client::ResponseFuture,
+        h2::SendStream<Bytes>,
+        Arc<Budget>,
+    ),
+    String,
+> {
     let mut last = None;
-    for send in candidates {
+    for (send, budget) in candidates {
         match send.ready().await {
             Ok(mut send) => {
                 return send
                     .send_request(req, end_of_stream)
+                    .map(|(resp, tx)| (resp, tx, budget))
                     .map_err(|e| format!("opening stream: {e}"));
             }
             Err(e) => last = Some(e),

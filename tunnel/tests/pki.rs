@@ -152,6 +152,8 @@ impl Cluster {
             drain_timeout: Duration::from_secs(30),
             trimmer: None,
             source: None,
+            resume: Default::default(),
+            flows: Default::default(),
         }
     }
 }

@@ -221,6 +221,8 @@ fn fleet_config(
         drain_timeout: Duration::from_secs(5),
         trimmer: None,
         source: Some(source),
+        resume: Default::default(),
+        flows: Default::default(),
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`pki`], [`enroll`], `csr_api`: certificates from files, a bootstrap token or the CSR API.
 //! - [`metrics`]: the agent's Prometheus metrics; [`metrics_port`]: their port when two agents
 //!   share a node, and `tunnel-agent probe`.
+//! - [`resume`]: streams kept across a lost session, resumed on the next.
 //! - [`connect`]: which streams it serves (CONNECT, its own node, allow-listed ports).
 pub mod connect;
 #[cfg(feature = "csr-api")]
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod metrics_port;
 pub mod pki;
 pub mod refused_cert;
+pub mod resume;
 pub mod run;
 pub mod session;
 

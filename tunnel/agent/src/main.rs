@@ -144,6 +144,7 @@ fn settings(a: Args) -> Result<Settings, String> {
         ports: a.ports.into_iter().collect(),
         dial: a.dial,
         keepalive: a.common.keepalive(),
+        resume: a.common.resume(),
         drain_timeout: a.drain_timeout,
         metrics_listen: a
             .common

@@ -20,6 +20,7 @@ pub struct AgentMetrics {
     pub bytes: Family<Direction, Counter>,
     pub refused: Family<Reason, Counter>,
     pub keepalive_rtt_us: Gauge,
+    pub resume: tunnel_proto::resume::ResumeMetrics,
 }
 
 impl AgentMetrics {
@@ -73,5 +74,6 @@ impl AgentMetrics {
             "Last keepalive round trip",
             self.keepalive_rtt_us.clone(),
         );
+        self.resume.register("tunnel_agent", r);
     }
 }

@@ -56,6 +56,7 @@ pub struct Settings {
     pub ports: BTreeSet<u16>,
     pub dial: Vec<IpAddr>,
     pub keepalive: Keepalive,
+    pub resume: tunnel_proto::resume::ResumeConfig,
     pub drain_timeout: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served: the first free port of
     /// `metrics_listen`'s and the `metrics_port_span - 1` after it.
@@ -161,6 +162,8 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
         drain_timeout: s.drain_timeout,
         trimmer: Some(edge_cli::memory::Trimmer::spawn(shutdown.clone())),
         source: None,
+        resume: s.resume,
+        flows: Default::default(),
     };
     session::run(cfg, metrics, shutdown).await;
     Ok(())

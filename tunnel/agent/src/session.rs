@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// The local address sessions leave from (`None`: the kernel's choice). A multi-homed
     /// node picks its uplink; the fleet simulator gives agents the sources real ones have.
     pub source: Option<IpAddr>,
+    /// How long a stream whose session was lost waits to be resumed, and how much it keeps.
+    pub resume: tunnel_proto::resume::ResumeConfig,
+    /// The resumable streams being served (shared by every session of this agent).
+    pub flows: Arc<crate::resume::Flows>,
 }
 
 /// After new sessions are up, how long the old ones keep taking new streams: the servers
@@ -107,7 +111,7 @@ impl Drop for Counted {
 /// with it. Services answer a client's first message within this in the common case (a TLS
 /// ServerHello, an HTTP response head); a quiet one costs the server this much longer wait for
 /// the answer, never the client anything (its bytes already flow).
-const ANSWER_WITHIN: Duration = Duration::from_millis(2);
+pub(crate) const ANSWER_WITHIN: Duration = Duration::from_millis(2);
 
 /// Capped exponential backoff with full jitter: a fleet of agents restarting together does
 /// not reconnect in lockstep.
@@ -360,6 +364,11 @@ async fn session(
     tokio::pin!(drain_deadline);
     let mut draining = false;
     let load = Arc::new(Load::default());
+    // What this session's streams keep for resumption, against --resume-buffer-per-session.
+    let budget = tunnel_proto::resume::Budget::counted(
+        cfg.resume.budget_per_session,
+        stats.resume.held_bytes.clone(),
+    );
     let mut idle_check = tokio::time::interval(RECYCLE_IDLE / 2);
     let (mut idle_ticks, mut recycle_asked, mut seen) = (0u32, false, 0usize);
     loop {
@@ -408,11 +417,11 @@ async fn session(
             None => return Ok(()),
             Some(Err(e)) => return Err(Error::h2(format!("session with {server}"), e)),
             Some(Ok((req, respond))) => {
-                let (cfg, stats) = (cfg.clone(), stats.clone());
+                let (cfg, stats, budget) = (cfg.clone(), stats.clone(), budget.clone());
                 let counted = Counted::new(&load);
                 tokio::spawn(async move {
                     let _counted = counted;
-                    serve_stream(&cfg, &stats, req, respond).await
+                    serve_stream(&cfg, &stats, req, respond, budget).await
                 });
             }
         }
@@ -420,7 +429,11 @@ async fn session(
 }
 
 /// Refuses a stream: counted by reason, answered with the status and reason the server logs.
-fn reject(stats: &AgentMetrics, mut respond: h2::server::SendResponse<Bytes>, why: Refusal) {
+pub(crate) fn reject(
+    stats: &AgentMetrics,
+    mut respond: h2::server::SendResponse<Bytes>,
+    why: Refusal,
+) {
     stats
         .refused
         .get_or_create(&Reason {
@@ -435,6 +448,7 @@ async fn serve_stream(
     stats: &AgentMetrics,
     req: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
+    budget: Arc<tunnel_proto::resume::Budget>,
 ) {
     if crate::connect::is_health(&req, &cfg.node_id) {
         // Answered here, never dialled, and not counted as a refusal: it is the server asking.
@@ -470,6 +484,13 @@ async fn serve_stream(
             return reject(stats, respond, why);
         }
     };
+    if req
+        .headers()
+        .contains_key(tunnel_proto::resume::RESUME_OF_HEADER)
+    {
+        // The same node and an allowed port, as checked above: the parked stream takes it.
+        return crate::resume::hand_over(cfg, stats, req, respond, budget);
+    }
     let mut last_err = None;
     let mut tcp = None;
     for ip in &cfg.dial {
@@ -488,11 +509,20 @@ async fn serve_stream(
     let _ = tcp.set_nodelay(true);
     stats.streams_total.inc();
     stats.streams_open.inc();
-    let up = relay::Up::Answer {
-        respond,
-        by: ANSWER_WITHIN,
+    let resumable = crate::resume::asked(&req).filter(|_| cfg.resume.enabled());
+    let out = match resumable {
+        Some(id) => {
+            crate::resume::serve(cfg, stats, tcp, respond, req.into_body(), id, budget).await
+        }
+        None => {
+            let up = relay::Up::Answer {
+                respond,
+                by: ANSWER_WITHIN,
+                ok: relay::ok_response(),
+            };
+            relay::relay(tcp, up, req.into_body()).await
+        }
     };
-    let out = relay::relay(tcp, up, req.into_body()).await;
     stats.streams_open.dec();
     if stats.streams_open.get() == 0
         && let Some(t) = &cfg.trimmer

@@ -22,6 +22,14 @@ pub struct Common {
     /// Seconds a PING may go unanswered before the session is declared dead.
     #[arg(long, env = "TUNNEL_KEEPALIVE_TIMEOUT", default_value = "10", value_parser = edge_cli::seconds::positive)]
     pub keepalive_timeout: Duration,
+    /// Seconds a stream whose session was lost (a WAN outage, an agent reconnect) stays
+    /// parked, waiting for the next session to resume on; 0 resets it with its session.
+    #[arg(long, env = "TUNNEL_RESUME_WINDOW", default_value = "60", value_parser = edge_cli::seconds::non_negative)]
+    pub resume_window: Duration,
+    /// MiB one session's streams may keep for resuming (the bytes the other end may not have
+    /// received yet); a stream past it is reset if its session is lost.
+    #[arg(long, env = "TUNNEL_RESUME_BUFFER_PER_SESSION", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub resume_buffer_per_session: u64,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, env = "TUNNEL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -32,6 +40,13 @@ impl Common {
         Keepalive {
             interval: self.keepalive_interval,
             timeout: self.keepalive_timeout,
+        }
+    }
+
+    pub fn resume(&self) -> crate::resume::ResumeConfig {
+        crate::resume::ResumeConfig {
+            window: self.resume_window,
+            budget_per_session: self.resume_buffer_per_session << 20,
         }
     }
 

@@ -23,6 +23,11 @@ use std::{
 };
 
 use bytes::Bytes;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 
 /// On the server's stream open: the stream's resume ID (hex), asking the agent to keep the
 /// stream resumable; echoed on the agent's 200 when it does.
@@ -33,11 +38,114 @@ pub const RESUME_OF_HEADER: &str = "x-edge-resume-of";
 /// ` end` once END_STREAM arrived.
 pub const RECEIVED_HEADER: &str = "x-edge-received";
 
+/// How long and how much a session's streams are kept for resumption; both ends take the same
+/// flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeConfig {
+    /// How long a stream whose session was lost waits for the next one; zero: streams are
+    /// reset with their session, as before resumption.
+    pub window: std::time::Duration,
+    /// The bytes one session's streams may keep for it.
+    pub budget_per_session: u64,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        ResumeConfig {
+            window: std::time::Duration::from_secs(60),
+            budget_per_session: 64 << 20,
+        }
+    }
+}
+
+impl ResumeConfig {
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero()
+    }
+}
+
+/// Why a parked stream was reset instead of resumed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabel {
+    pub reason: &'static str,
+}
+
+/// Both ends' resumption metrics, each registered under its end's prefix.
+#[derive(Clone, Default, Debug)]
+pub struct ResumeMetrics {
+    /// Streams waiting now for a session to resume on.
+    pub parked: Gauge,
+    /// Streams continued on a new session.
+    pub resumed: Counter,
+    /// Parked streams reset instead: `window_expired`, `stream_gone` (the other end no longer
+    /// has it), `offset` (the other end asked for bytes no longer kept), `unresumable` (the
+    /// stream was never resumable: the peer predates resumption, or the budget was spent).
+    pub failed: Family<FailedLabel, Counter>,
+    /// Bytes kept for resumption, all sessions.
+    pub held_bytes: Gauge,
+}
+
+impl ResumeMetrics {
+    pub fn fail(&self, reason: &'static str) {
+        self.failed.get_or_create(&FailedLabel { reason }).inc();
+    }
+
+    /// Every reason a parked stream may fail for (each at 0 in the first scrape).
+    pub const REASONS: [&'static str; 4] =
+        ["window_expired", "stream_gone", "offset", "unresumable"];
+
+    pub fn register(&self, prefix: &str, r: &mut Registry) {
+        for reason in Self::REASONS {
+            let _ = self.failed.get_or_create(&FailedLabel { reason });
+        }
+        r.register(
+            format!("{prefix}_streams_parked"),
+            "Streams whose session was lost, waiting for the next one to resume on",
+            self.parked.clone(),
+        );
+        r.register(
+            format!("{prefix}_streams_resumed"),
+            "Streams continued on a new session after theirs was lost",
+            self.resumed.clone(),
+        );
+        r.register(
+            format!("{prefix}_streams_resume_failed"),
+            "Streams whose session was lost and that were reset instead of resumed, by reason",
+            self.failed.clone(),
+        );
+        r.register(
+            format!("{prefix}_resume_held_bytes"),
+            "Bytes kept so that streams can be resumed",
+            self.held_bytes.clone(),
+        );
+    }
+}
+
+/// One parked stream, counted in [`ResumeMetrics::parked`] until dropped.
+pub struct ParkedGuard(Gauge);
+
+impl ParkedGuard {
+    pub fn new(m: &ResumeMetrics) -> Self {
+        m.parked.inc();
+        ParkedGuard(m.parked.clone())
+    }
+}
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A stream's resume ID: random, 128 bits, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowId(pub u128);
 
 impl FlowId {
+    pub fn random() -> FlowId {
+        FlowId(rand::random())
+    }
+
     pub fn header(self) -> String {
         format!("{:032x}", self.0)
     }
@@ -98,6 +206,8 @@ pub fn keep_for(stream_window: u32) -> u64 {
 pub struct Budget {
     limit: u64,
     used: AtomicU64,
+    /// Every session's bytes kept, for the metric.
+    held: Option<Gauge>,
 }
 
 impl Budget {
@@ -105,6 +215,16 @@ impl Budget {
         Arc::new(Budget {
             limit,
             used: AtomicU64::new(0),
+            held: None,
+        })
+    }
+
+    /// A budget whose bytes also count in `held` (shared by every session's).
+    pub fn counted(limit: u64, held: Gauge) -> Arc<Self> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicU64::new(0),
+            held: Some(held),
         })
     }
 
@@ -124,7 +244,12 @@ impl Budget {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    if let Some(g) = &self.held {
+                        g.inc_by(n as i64);
+                    }
+                    return true;
+                }
                 Err(now) => used = now,
             }
         }
@@ -132,6 +257,9 @@ impl Budget {
 
     fn give(&self, n: u64) {
         self.used.fetch_sub(n, Ordering::Relaxed);
+        if let Some(g) = &self.held {
+            g.dec_by(n as i64);
+        }
     }
 }
 
@@ -263,6 +391,19 @@ impl Sending {
         self.read += b.len() as u64;
         if let Some(r) = &mut self.retained
             && let Err(why) = r.push(b.clone())
+        {
+            self.retained = None;
+            self.unresumable = Some(why);
+        }
+    }
+}
+
+impl Sending {
+    /// Charges what is kept to `budget` (the stream moved to another session's); a budget that
+    /// cannot take it makes the stream unresumable from now on.
+    pub fn rebind(&mut self, budget: Arc<Budget>) {
+        if let Some(r) = &mut self.retained
+            && let Err(why) = r.rebind(budget)
         {
             self.retained = None;
             self.unresumable = Some(why);

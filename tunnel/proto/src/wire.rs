@@ -27,6 +27,9 @@ pub enum Refusal {
     OtherNode,
     PortNotAllowed,
     DialFailed,
+    /// A resume named a stream the agent no longer has (its resume window passed, the agent
+    /// restarted, or the stream ended meanwhile).
+    StreamGone,
 }
 
 impl Refusal {
@@ -41,11 +44,12 @@ impl Refusal {
         Refusal::IngressFull,
     ];
     /// The agent's reasons.
-    pub const AGENT: [Refusal; 4] = [
+    pub const AGENT: [Refusal; 5] = [
         Refusal::NotConnect,
         Refusal::OtherNode,
         Refusal::PortNotAllowed,
         Refusal::DialFailed,
+        Refusal::StreamGone,
     ];
 
     pub fn label(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Refusal {
             Refusal::OtherNode => "other_node",
             Refusal::PortNotAllowed => "port_not_allowed",
             Refusal::DialFailed => "dial_failed",
+            Refusal::StreamGone => "stream_gone",
         }
     }
 
@@ -78,6 +83,7 @@ impl Refusal {
             Refusal::OtherNode => 421,
             Refusal::PortNotAllowed => 403,
             Refusal::DialFailed => 502,
+            Refusal::StreamGone => 410,
             _ => 503,
         }
     }
@@ -89,6 +95,7 @@ impl Refusal {
             Refusal::OtherNode => "this agent serves another node",
             Refusal::PortNotAllowed => "port not allow-listed on this node",
             Refusal::DialFailed => "nothing listens on that port on this node",
+            Refusal::StreamGone => "the agent no longer has the stream to resume",
             Refusal::NotRedirected => "not redirected",
             Refusal::UnknownNode => "not a known node address",
             Refusal::Ambiguous => "address shared by several nodes",
@@ -115,6 +122,23 @@ pub fn connect_request(node: &str, port: u16) -> http::Result<http::Request<()>>
         .method(http::Method::CONNECT)
         .uri(format!("127.0.0.1:{port}"))
         .header(NODE_HEADER, node)
+        .body(())
+}
+
+/// The stream that continues a parked one (see [`crate::resume`]): the same node and port,
+/// the parked stream's ID, and how much of the agent's bytes the server delivered.
+pub fn resume_request(
+    node: &str,
+    port: u16,
+    of: crate::resume::FlowId,
+    received: crate::resume::Received,
+) -> http::Result<http::Request<()>> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{port}"))
+        .header(NODE_HEADER, node)
+        .header(crate::resume::RESUME_OF_HEADER, of.header())
+        .header(crate::resume::RECEIVED_HEADER, received.header())
         .body(())
 }
 

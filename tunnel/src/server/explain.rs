@@ -81,7 +81,7 @@ impl Server {
         let timeout = self.0.cfg.open_timeout.min(Duration::from_secs(5));
         let ask = async {
             let req = wire::health_request(node, port).map_err(|e| e.to_string())?;
-            let (resp, _body) = open_stream(self.candidates(node), req, true).await?;
+            let (resp, _body, _) = open_stream(self.candidates(node), req, true).await?;
             resp.await.map_err(|e| format!("awaiting the agent: {e}"))
         };
         match tokio::time::timeout(timeout, ask).await {

@@ -191,6 +191,8 @@ pub fn agent_config(
         drain_timeout: Duration::from_secs(30),
         trimmer: None,
         source: None,
+        resume: Default::default(),
+        flows: Default::default(),
     }
 }
 

@@ -194,6 +194,7 @@ pub async fn run(a: ServerArgs, stop: CancellationToken) -> Result<(), String> {
     let settings = Settings {
         certificates,
         keepalive: a.common.keepalive(),
+        resume: a.common.resume(),
         cert_lifetime: a.cert_lifetime_hours,
         node_table: a.node_table.clone(),
         node_table_poll: NODE_TABLE_POLL,

@@ -1,0 +1,249 @@
+//! The agent's side of resumable streams (see `tunnel_proto::resume`): a stream the server
+//! opened resumable keeps its connection to the local service when its session is lost, and
+//! waits up to the resume window for the server to name it on a later session. Only the
+//! server that opened a stream knows its 128-bit random ID, and it names it only on sessions
+//! of this node (it routes by the certificate's identity), so nobody else can take it over.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+
+use tunnel_proto::{
+    relay::{self, End, Leg, Outcome, Up},
+    resume::{
+        Budget, FlowId, ParkedGuard, Progress, RECEIVED_HEADER, RESUME_HEADER, Received, Resend,
+        Retained, keep_for,
+    },
+    wire::{Refusal, refusal_response},
+};
+
+use crate::{AgentConfig, AgentMetrics};
+
+/// A later stream that continues a parked one: its answer still to give, its body, and what
+/// the server delivered of this end's bytes.
+pub struct Resumed {
+    pub respond: SendResponse<Bytes>,
+    pub body: RecvStream,
+    pub theirs: Received,
+    /// The budget of the session it arrived on, which keeps the stream's bytes from now on.
+    pub budget: Arc<Budget>,
+}
+
+/// Every resumable stream this agent serves, by ID: where a resume is handed to.
+#[derive(Default)]
+pub struct Flows(Mutex<HashMap<FlowId, mpsc::Sender<Resumed>>>);
+
+/// A stream's entry in [`Flows`], removed when the stream is done.
+struct Registered<'a> {
+    flows: &'a Flows,
+    id: FlowId,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.flows.lock().remove(&self.id);
+    }
+}
+
+impl Flows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowId, mpsc::Sender<Resumed>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `None` if the ID is taken (never by chance: a server reusing one is not trusted with it).
+    fn register(&self, id: FlowId) -> Option<(Registered<'_>, mpsc::Receiver<Resumed>)> {
+        let mut flows = self.lock();
+        if flows.contains_key(&id) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(1);
+        flows.insert(id, tx);
+        Some((Registered { flows: self, id }, rx))
+    }
+
+    /// Hands `r` to the stream `id`; gives it back if there is no such stream.
+    pub fn hand(&self, id: FlowId, r: Resumed) -> Result<(), Resumed> {
+        let tx = self.lock().get(&id).cloned();
+        match tx {
+            Some(tx) => tx.try_send(r).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+            }),
+            None => Err(r),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads a resume's two headers; `None` if either is missing or malformed.
+pub fn resume_of(req: &http::Request<RecvStream>) -> Option<(FlowId, Received)> {
+    let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok());
+    let id = FlowId::parse(header(tunnel_proto::resume::RESUME_OF_HEADER)?)?;
+    Some((id, Received::parse(header(RECEIVED_HEADER)?)?))
+}
+
+/// The ID a new stream asks to be resumable under, if it does.
+pub fn asked(req: &http::Request<RecvStream>) -> Option<FlowId> {
+    FlowId::parse(req.headers().get(RESUME_HEADER)?.to_str().ok()?)
+}
+
+/// Serves one stream the server asked to keep resumable under `id`: answers 200 echoing the
+/// ID, relays, and when the session is lost waits for the stream's resume (up to the window),
+/// then carries on from the server's figure.
+pub async fn serve(
+    cfg: &AgentConfig,
+    stats: &AgentMetrics,
+    mut tcp: TcpStream,
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+    id: FlowId,
+    budget: Arc<Budget>,
+) -> Outcome {
+    let answer_within = crate::session::ANSWER_WITHIN;
+    let Some((_registered, mut next)) = cfg.flows.register(id) else {
+        tracing::warn!(stream = %id, "a new stream reuses a resume ID in use: served without resumption");
+        let up = Up::Answer {
+            respond,
+            by: answer_within,
+            ok: relay::ok_response(),
+        };
+        return relay::relay(tcp, up, body).await;
+    };
+    let mut p = Progress::new(Some(Retained::new(keep_for(cfg.stream_window), budget)));
+    let mut ok = relay::ok_response();
+    ok.headers_mut().insert(
+        RESUME_HEADER,
+        id.header().parse().expect("hex is a header value"),
+    );
+    let mut up = Up::Answer {
+        respond,
+        by: answer_within,
+        ok,
+    };
+    let (mut body, mut resend) = (Some(body), Resend::default());
+    loop {
+        let ended = {
+            let rx = body.take();
+            let leg = relay::leg(&mut tcp, up, async move { rx }, &mut p, resend);
+            tokio::select! {
+                l = leg => Ok(l),
+                // The server saw this stream's session lost before this end did: the newer
+                // stream wins, the old leg is dropped (it is cancel-safe).
+                r = next.recv() => Err(r),
+            }
+        };
+        let first = match ended {
+            Ok(Leg::Done(end)) => return relay::outcome(&p, end),
+            Ok(Leg::Lost) if !p.resumable() => {
+                stats.resume.fail("unresumable");
+                tracing::warn!(stream = %id, why = ?p.sending.unresumable, "session lost; the stream kept too much to resume (--resume-buffer-per-session): reset");
+                return reset(&tcp, &p);
+            }
+            Ok(Leg::Lost) => None,
+            Err(r) => r,
+        };
+        let (tx, rx, rs) = match park(cfg, stats, id, &mut p, &mut next, first).await {
+            Some(x) => x,
+            None => return reset(&tcp, &p),
+        };
+        (up, body, resend) = (Up::Open(tx), Some(rx), rs);
+    }
+}
+
+fn reset(tcp: &TcpStream, p: &Progress) -> Outcome {
+    relay::abort(tcp);
+    relay::outcome(p, End::Reset)
+}
+
+/// Waits for the stream's resume (or takes `first`, one that has arrived), answers it with
+/// this end's figure, and gives the new leg's halves and what to send again; `None` once the
+/// window passed or the resume cannot be served.
+async fn park(
+    cfg: &AgentConfig,
+    stats: &AgentMetrics,
+    id: FlowId,
+    p: &mut Progress,
+    next: &mut mpsc::Receiver<Resumed>,
+    mut first: Option<Resumed>,
+) -> Option<(h2::SendStream<Bytes>, RecvStream, Resend)> {
+    let _parked = ParkedGuard::new(&stats.resume);
+    let deadline = Instant::now() + cfg.resume.window;
+    tracing::debug!(stream = %id, "session lost; stream parked");
+    loop {
+        let r = match first.take() {
+            Some(r) => r,
+            None => match tokio::time::timeout_at(deadline, next.recv()).await {
+                Ok(Some(r)) => r,
+                _ => {
+                    stats.resume.fail("window_expired");
+                    tracing::warn!(stream = %id, window = ?cfg.resume.window, "no session resumed the stream within --resume-window: reset");
+                    return None;
+                }
+            },
+        };
+        let Resumed {
+            mut respond,
+            body,
+            theirs,
+            budget,
+        } = r;
+        let Some(rs) = p.resend(theirs) else {
+            stats.resume.fail("offset");
+            tracing::warn!(stream = %id, ?theirs, read = p.sending.read, "the server asked to resume from bytes this end no longer keeps: reset");
+            let _ = respond.send_response(refusal_response(Refusal::StreamGone), true);
+            return None;
+        };
+        p.sending.rebind(budget);
+        let mut ok = relay::ok_response();
+        ok.headers_mut().insert(
+            RECEIVED_HEADER,
+            p.received()
+                .header()
+                .parse()
+                .expect("digits are a header value"),
+        );
+        match respond.send_response(ok, false) {
+            Ok(tx) => {
+                stats.resume.resumed.inc();
+                tracing::debug!(stream = %id, ?theirs, "stream resumed");
+                return Some((tx, body, rs));
+            }
+            // That session went too: wait for the next one, within the same window.
+            Err(e) => tracing::debug!(stream = %id, "answering the resume failed: {e}"),
+        }
+    }
+}
+
+/// Answers a resume: hands it to its parked stream, or refuses it as gone.
+pub fn hand_over(
+    cfg: &AgentConfig,
+    stats: &AgentMetrics,
+    req: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    budget: Arc<Budget>,
+) {
+    let Some((id, theirs)) = resume_of(&req) else {
+        tracing::warn!(headers = ?req.headers(), "a resume without a valid stream ID and figure: refused");
+        return crate::session::reject(stats, respond, Refusal::StreamGone);
+    };
+    let r = Resumed {
+        respond,
+        body: req.into_body(),
+        theirs,
+        budget,
+    };
+    if let Err(r) = cfg.flows.hand(id, r) {
+        tracing::info!(stream = %id, "a resume names a stream this agent does not have (its window passed, or the agent restarted): refused");
+        crate::session::reject(stats, r.respond, Refusal::StreamGone);
+    }
+}
