@@ -107,6 +107,9 @@ impl Drop for Counted {
     }
 }
 
+/// The longest wait between session attempts while streams are parked.
+const PARKED_RETRY: Duration = Duration::from_secs(1);
+
 /// How long the answer (200) to an opened stream waits for the service's first bytes to travel
 /// with it. Services answer a client's first message within this in the common case (a TLS
 /// ServerHello, an HTTP response head); a quiet one costs the server this much longer wait for
@@ -288,7 +291,12 @@ async fn keep_session(
                 attempt += 1;
             }
         }
-        let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+        let mut wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+        if stats.resume.parked.get() > 0 {
+            // Streams wait for a session to resume on: a link that comes back is found
+            // within a second, not after a backoff grown through the whole outage.
+            wait = wait.min(backoff(0, PARKED_RETRY, PARKED_RETRY));
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
