@@ -3,6 +3,9 @@
 //! in each namespace and a userspace forwarder that holds every packet for `one_way` before
 //! writing it out of the other device. TCP on both ends sees a real RTT of 2 x `one_way`, with
 //! its own windows and congestion control: nothing is terminated or proxied.
+//!
+//! [`Faults`] break the link on demand: every packet dropped (an outage), or a share of them at
+//! random (a lossy radio link).
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -58,22 +61,83 @@ fn tun_in(ns: &Netns, name: &str) -> File {
 pub struct DelayLink {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
+    faults: Arc<Faults>,
+}
+
+/// What the link does to packets, both ways, changed while it runs.
+#[derive(Default)]
+pub struct Faults {
+    /// Every packet is dropped.
+    down: AtomicBool,
+    /// Packets dropped at random, per million.
+    loss_ppm: std::sync::atomic::AtomicU32,
+}
+
+impl Faults {
+    /// An outage: drop everything (true) or nothing but the random loss (false).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Random loss, as a fraction of packets (0.01: 1%).
+    pub fn set_loss(&self, fraction: f64) {
+        self.loss_ppm
+            .store((fraction * 1e6) as u32, Ordering::SeqCst);
+    }
+
+    fn drops(&self, rng: &mut u64) -> bool {
+        if self.down.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ppm = self.loss_ppm.load(Ordering::Relaxed);
+        if ppm == 0 {
+            return false;
+        }
+        // xorshift64: a packet's fate needs no quality beyond uniformity.
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % 1_000_000 < u64::from(ppm)
+    }
 }
 
 impl DelayLink {
     /// Links `a` (address `a_cidr`, e.g. "192.0.2.1/30") and `b` with `one_way` delay each way.
     pub fn new(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str, one_way: Duration) -> Self {
+        Self::with_mtu(a, a_cidr, b, b_cidr, one_way, MTU)
+    }
+
+    /// [`Self::new`] with packets of at most `mtu` bytes (1500: a WAN's, where a lost packet
+    /// costs what it costs there).
+    pub fn with_mtu(
+        a: &Netns,
+        a_cidr: &str,
+        b: &Netns,
+        b_cidr: &str,
+        one_way: Duration,
+        mtu: &str,
+    ) -> Self {
         let (ta, tb) = (tun_in(a, "dly0"), tun_in(b, "dly1"));
         for (ns, dev, cidr) in [(a, "dly0", a_cidr), (b, "dly1", b_cidr)] {
             ns.ip(&["addr", "add", cidr, "dev", dev]);
-            ns.ip(&["link", "set", dev, "mtu", MTU, "up"]);
+            ns.ip(&["link", "set", dev, "mtu", mtu, "up"]);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(Faults::default());
         let mut threads = Vec::new();
         for (from, to) in [(ta.try_clone().unwrap(), tb.try_clone().unwrap()), (tb, ta)] {
-            threads.extend(forward(from, to, one_way, stop.clone()));
+            threads.extend(forward(from, to, one_way, stop.clone(), faults.clone()));
         }
-        Self { stop, threads }
+        Self {
+            stop,
+            threads,
+            faults,
+        }
+    }
+
+    /// The link's fault injector.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 }
 
@@ -93,11 +157,13 @@ fn forward(
     mut to: File,
     delay: Duration,
     stop: Arc<AtomicBool>,
+    faults: Arc<Faults>,
 ) -> [thread::JoinHandle<()>; 2] {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let s = stop.clone();
     let reader = thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
         while !s.load(Ordering::Relaxed) {
             let mut pfd = libc::pollfd {
                 fd: from.as_raw_fd(),
@@ -109,6 +175,7 @@ fn forward(
                 continue;
             }
             match from.read(&mut buf) {
+                Ok(_) if faults.drops(&mut rng) => {}
                 Ok(n)
                     if n > 0
                         && tx

@@ -17,6 +17,7 @@ pub mod monitoring;
 pub mod netns;
 pub mod pki;
 pub mod procstat;
+pub mod rathole;
 pub mod relay_floor;
 pub mod scrape;
 pub mod servers;

@@ -89,6 +89,8 @@ struct Session {
     evicted: CancellationToken,
     /// What its streams keep for resumption (--resume-buffer-per-session).
     budget: Arc<Budget>,
+    /// Asks its keepalive for a PING now (see `keepalive::run_listening`).
+    probe: Arc<tokio::sync::Notify>,
 }
 
 /// A session that may take a new stream, and the budget its streams keep their bytes in.
@@ -567,6 +569,7 @@ impl Server {
         // streams, and ends when the agent drains it (GOAWAY) or its keepalive fails.
         let mut held = Some(send.clone());
         let evicted = CancellationToken::new();
+        let probe = Arc::new(tokio::sync::Notify::new());
         {
             let mut sessions = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
             let live = sessions.entry(node.clone()).or_default();
@@ -589,6 +592,11 @@ impl Server {
                     tracing::warn!(node = %node, %peer, closed_session = old.id, closed_peer = %old.peer, max, "the node has more live sessions than --max-sessions-per-node: its oldest takes no new streams and closes once its open streams are done (more agents hold this node's certificate than the bound){more}");
                 });
             }
+            // An agent that found its session dead (an outage) comes back on a new one while
+            // this server may still think the old one up: ask the older ones to answer now.
+            for older in live.iter() {
+                older.probe.notify_one();
+            }
             if let Some(prev) = live.last() {
                 // A rolling upgrade or a rotation looks like this; so does a second process
                 // holding the node's certificate. Either way an operator must be able to see it.
@@ -610,6 +618,7 @@ impl Server {
                     self.0.cfg.resume.budget_per_session,
                     self.0.stats.resume.held_bytes.clone(),
                 ),
+                probe: probe.clone(),
             });
             self.0.stats.sessions.set(sessions.len() as i64);
         }
@@ -639,6 +648,7 @@ impl Server {
             &heard,
             &self.0.stats.keepalive_rtt_us,
             &rtt_tx,
+            &probe,
         );
         tokio::pin!(ka);
         let mut windows = crate::keepalive::Windows::new(rtt_rx, self.0.cfg.stream_window);

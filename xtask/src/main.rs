@@ -230,9 +230,10 @@ fn main() -> Result<()> {
                 "agent" => "bench-agent",
                 "nodes" => "bench-nodes",
                 "fleet" => "bench-fleet",
+                "wan" => "bench-wan",
                 other => {
                     bail!(
-                        "unknown benchmark {other:?}; known: redirect, tunnel, nodes, agent, fleet"
+                        "unknown benchmark {other:?}; known: redirect, tunnel, nodes, agent, fleet, wan"
                     )
                 }
             };

@@ -19,14 +19,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 use redirector_tests::{
     LoggedProc, Netns, World,
     bench::{median, rss_kib, write_report},
     free_addr,
     pki::TestPki,
-    relay_floor, spawn, tunnel_procs,
+    rathole, relay_floor, spawn, tunnel_procs,
 };
 use serde_json::json;
 
@@ -589,8 +589,23 @@ fn main() -> Result<()> {
     // rathole: one service per edge port, each exposed on its own visitor port in master.
     let mut rathole_procs = Vec::new();
     if cli.rathole.exists() {
-        match start_rathole(&w, &cli.rathole, &pki, rh_ctl, rh_visit, &svc) {
-            Ok((procs, visit)) => {
+        let names = ["echo", "discard", "firehose", "hold"];
+        let ports = [svc.echo, svc.discard, svc.firehose, svc.hold];
+        let visit: Vec<SocketAddr> = {
+            let _m = w.master.enter();
+            std::iter::once(rh_visit)
+                .chain((1..4).map(|_| free_addr("127.0.0.1")))
+                .collect()
+        };
+        let services: Vec<rathole::Service> = (0..4)
+            .map(|i| rathole::Service {
+                name: names[i],
+                visit: visit[i],
+                local: SocketAddr::from(([127, 0, 0, 1], ports[i])),
+            })
+            .collect();
+        match rathole::start(&w, &cli.rathole, rh_ctl, &services) {
+            Ok(procs) => {
                 let pids = procs.iter().map(|p: &LoggedProc| p.child.id()).collect();
                 rathole_procs = procs;
                 paths.push(Path {
@@ -644,135 +659,6 @@ fn main() -> Result<()> {
     let out = json!({"bench": "tunnel", "conns": cli.conns, "mib": cli.mib, "rounds": cli.rounds, "idle_streams": cli.idle, "results": results,
         "rtt_50ms_single_stream": {"direct_MBps": direct_rtt, "tunnel_MBps": tunnel_rtt, "ratio": tunnel_rtt / direct_rtt, "mib": cli.rtt_mib}});
     write_report(&cli.out, &out)
-}
-
-fn start_rathole(
-    w: &World,
-    bin: &std::path::Path,
-    pki: &TestPki,
-    ctl: SocketAddr,
-    visit0: SocketAddr,
-    svc: &Services,
-) -> Result<(Vec<LoggedProc>, Vec<SocketAddr>)> {
-    let _ = pki;
-    // rathole's TLS is native-tls: the server needs a PKCS#12 identity.
-    let dir = &w.dir;
-    let key = dir.join("rh-key.pem");
-    let crt = dir.join("rh-cert.pem");
-    let pfx = dir.join("rh.pfx");
-    let ok = |c: &mut Command| -> Result<()> {
-        let o = c.output()?;
-        if !o.status.success() {
-            bail!("{c:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(())
-    };
-    ok(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=rathole.test",
-            "-addext",
-            "subjectAltName=DNS:rathole.test",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt))?;
-    ok(Command::new("openssl")
-        .args(["pkcs12", "-export", "-passout", "pass:bench"])
-        .arg("-inkey")
-        .arg(&key)
-        .arg("-in")
-        .arg(&crt)
-        .arg("-out")
-        .arg(&pfx))?;
-    let visit: Vec<SocketAddr> = {
-        let _m = w.master.enter();
-        (0..4)
-            .map(|i| {
-                if i == 0 {
-                    visit0
-                } else {
-                    free_addr("127.0.0.1")
-                }
-            })
-            .collect()
-    };
-    let names = ["echo", "discard", "firehose", "hold"];
-    let ports = [svc.echo, svc.discard, svc.firehose, svc.hold];
-    let mut server_toml = format!(
-        "[server]\nbind_addr = \"{ctl}\"\n[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
-        pfx.display()
-    );
-    let mut client_toml = format!(
-        "[client]\nremote_addr = \"{ctl}\"\n[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"rathole.test\"\n",
-        crt.display()
-    );
-    for (i, n) in names.iter().enumerate() {
-        server_toml.push_str(&format!(
-            "[server.services.{n}]\ntoken = \"bench-token\"\nbind_addr = \"{}\"\n",
-            visit[i]
-        ));
-        client_toml.push_str(&format!(
-            "[client.services.{n}]\ntoken = \"bench-token\"\nlocal_addr = \"127.0.0.1:{}\"\n",
-            ports[i]
-        ));
-    }
-    let (st, ct) = (
-        dir.join("rathole-server.toml"),
-        dir.join("rathole-client.toml"),
-    );
-    fs::write(&st, server_toml)?;
-    fs::write(&ct, client_toml)?;
-    let spawn_rh = |name: &str, ns: &Netns, cfg: &std::path::Path| -> LoggedProc {
-        let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(bin);
-        cmd.arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .env("RUST_LOG", "info");
-        spawn::place(&mut cmd, None, Some(ns));
-        LoggedProc {
-            child: cmd.spawn().expect("rathole"),
-            log_file: log,
-        }
-    };
-    let server = spawn_rh("rathole-server", &w.master, &st);
-    let client = spawn_rh("rathole-client", &w.edge, &ct);
-    // Ready when every service's control channel is up: a visitor connection then works.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let probe = {
-            let _m = w.master.enter();
-            TcpStream::connect(visit[0]).and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"x")?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b)
-            })
-        };
-        if probe.is_ok() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "rathole not ready in 20 s:\n{}\n{}",
-                server.log(),
-                client.log()
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    Ok((vec![server, client], visit))
 }
 
 fn print_table(results: &[serde_json::Value]) {

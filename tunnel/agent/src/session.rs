@@ -87,6 +87,8 @@ struct Load {
     open: AtomicUsize,
     peak: AtomicUsize,
     started: AtomicUsize,
+    /// Told when the session goes from no stream to one (its keepalive pings faster then).
+    busy: tokio::sync::Notify,
 }
 
 /// One stream counted in its session's [`Load`] until dropped.
@@ -95,6 +97,9 @@ struct Counted(Arc<Load>);
 impl Counted {
     fn new(load: &Arc<Load>) -> Self {
         let now = load.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if now == 1 {
+            load.busy.notify_one();
+        }
         load.peak.fetch_max(now, Ordering::Relaxed);
         load.started.fetch_add(1, Ordering::Relaxed);
         Counted(load.clone())
@@ -109,6 +114,10 @@ impl Drop for Counted {
 
 /// The longest wait between session attempts while streams are parked.
 const PARKED_RETRY: Duration = Duration::from_secs(1);
+/// How long a dial to a server may take (a lost SYN is retried by the kernel for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the TLS and HTTP/2 handshakes may take once connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the answer (200) to an opened stream waits for the service's first bytes to travel
 /// with it. Services answer a client's first message within this in the common case (a TLS
@@ -277,6 +286,7 @@ async fn keep_session(
     let cfg = Arc::new(cfg);
     let mut attempt = 0u32;
     while !stop.is_cancelled() {
+        let began = tokio::time::Instant::now();
         let ended = session(&cfg, &server, &stats, &stop, &up, &recycle).await;
         // Its buffers are free now; a session that ends after its last stream (a rotation's
         // old one) would otherwise leave them to the next idle moment.
@@ -296,6 +306,10 @@ async fn keep_session(
             // Streams wait for a session to resume on: a link that comes back is found
             // within a second, not after a backoff grown through the whole outage.
             wait = wait.min(backoff(0, PARKED_RETRY, PARKED_RETRY));
+            // A dial that timed out has waited a retry's time already.
+            if began.elapsed() >= PARKED_RETRY {
+                wait = Duration::ZERO;
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -328,29 +342,53 @@ async fn session(
     up: &AtomicBool,
     recycle: &tokio::sync::Notify,
 ) -> Result<()> {
-    let tcp = connect(server, cfg.source)
+    // Parked streams wait on this dial: one that hangs (its SYN lost in an outage) is given up
+    // after a second and dialled again, so a link that comes back is used at once.
+    let parked = stats.resume.parked.get() > 0;
+    let within = if parked {
+        PARKED_RETRY
+    } else {
+        CONNECT_TIMEOUT
+    };
+    let tcp = tokio::time::timeout(within, connect(server, cfg.source))
         .await
+        .map_err(|_| {
+            Error::Refused(format!(
+                "connecting to server {server}: no answer within {within:?}"
+            ))
+        })?
         .map_err(|e| Error::io(format!("connecting to server {server}"), e))?;
     let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(cfg.tls.get())
-        .connect(cfg.server_name.clone(), tcp)
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let handshakes = async {
+        let tls = tokio_rustls::TlsConnector::from(cfg.tls.get())
+            .connect(cfg.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                let hint = crate::refused_cert::hint(&e);
+                Error::io(format!("TLS with server {server}{hint}"), e)
+            })?;
+        h2::server::Builder::new()
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(i32::MAX as u32)
+            .max_frame_size(256 * 1024)
+            // Long-lived streams (logs -f, exec) must never hit a low default limit.
+            .max_concurrent_streams(100_000)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| {
+                let hint = crate::refused_cert::hint_h2(&e);
+                Error::h2(format!("handshake with server {server}{hint}"), e)
+            })
+    };
+    // A link that dies mid-handshake must not hold this replica's session forever.
+    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
         .await
-        .map_err(|e| {
-            let hint = crate::refused_cert::hint(&e);
-            Error::io(format!("TLS with server {server}{hint}"), e)
-        })?;
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(cfg.stream_window)
-        .initial_connection_window_size(i32::MAX as u32)
-        .max_frame_size(256 * 1024)
-        // Long-lived streams (logs -f, exec) must never hit a low default limit.
-        .max_concurrent_streams(100_000)
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(|e| {
-            let hint = crate::refused_cert::hint_h2(&e);
-            Error::h2(format!("handshake with server {server}{hint}"), e)
-        })?;
+        .map_err(|_| {
+            Error::Refused(format!(
+                "TLS and HTTP/2 handshakes with server {server} not done within {HANDSHAKE_TIMEOUT:?}"
+            ))
+        })??;
     stats.sessions_established.inc();
     stats.sessions.inc();
     // Counted down however the session ends.
@@ -365,13 +403,19 @@ async fn session(
     up.store(true, Ordering::Relaxed);
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
     let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
-    let ka = tunnel_proto::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx);
+    let load = Arc::new(Load::default());
+    let busy_now = || load.open.load(Ordering::Relaxed) > 0;
+    let busy = tunnel_proto::keepalive::Busy {
+        now: &busy_now,
+        started: &load.busy,
+    };
+    let ka =
+        tunnel_proto::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx, busy);
     tokio::pin!(ka);
     let mut windows = tunnel_proto::keepalive::Windows::new(rtt_rx, cfg.stream_window);
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     let mut draining = false;
-    let load = Arc::new(Load::default());
     // What this session's streams keep for resumption, against --resume-buffer-per-session.
     let budget = tunnel_proto::resume::Budget::counted(
         cfg.resume.budget_per_session,
@@ -413,7 +457,13 @@ async fn session(
                 tracing::warn!(server = %server, "drain deadline passed; closing the session with streams still open");
                 return Ok(());
             }
-            why = &mut ka => return Err(Error::Refused(format!("session with {server} is dead: {why}"))),
+            why = &mut ka => {
+                // Closed with a reset: when the link returns, the server's next packet on it
+                // meets no socket and learns the session is gone at once.
+                // SAFETY: the connection (and its socket) is alive until this returns.
+                relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                return Err(Error::Refused(format!("session with {server} is dead: {why}")));
+            }
             Some((rtt, w)) = windows.resized() => {
                 // Streams' receive windows follow the link's bandwidth-delay product.
                 tunnel_proto::keepalive::log_resize(server, rtt, w, conn.set_initial_window_size(w));

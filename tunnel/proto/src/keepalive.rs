@@ -25,19 +25,39 @@ impl Default for Keepalive {
     }
 }
 
+/// How often a session with open streams pings: an outage under a running `logs -f` is found
+/// within this plus the timeout, and its streams park and resume, instead of waiting out an
+/// idle session's interval. Idle sessions (nearly all of a fleet's) keep the long interval.
+pub const BUSY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether a session carries streams now, and a wake-up when it starts to.
+pub struct Busy<'a> {
+    pub now: &'a (dyn Fn() -> bool + Sync),
+    pub started: &'a tokio::sync::Notify,
+}
+
 /// Pings until the peer fails to answer; returns why. The first PING goes out at once, so the
 /// session learns its round-trip time (and sizes its stream windows, see [`stream_window`])
-/// within one RTT; `rtt` receives every measurement, `rtt_us` holds the last.
+/// within one RTT; `rtt` receives every measurement, `rtt_us` holds the last. While `busy`,
+/// it pings every [`BUSY_INTERVAL`].
 pub async fn run(
     mut pp: h2::PingPong,
     ka: Keepalive,
     rtt_us: &Gauge,
     rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+    busy: Busy<'_>,
 ) -> String {
     let mut first = true;
     loop {
         if !first {
-            tokio::time::sleep(ka.interval).await;
+            if (busy.now)() {
+                tokio::time::sleep(BUSY_INTERVAL.min(ka.interval)).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(ka.interval) => {}
+                    _ = busy.started.notified() => continue,
+                }
+            }
         }
         first = false;
         if let Err(why) = ping(&mut pp, ka.timeout, rtt_us, rtt).await {
@@ -81,21 +101,30 @@ async fn ping(
 ///
 /// `heard` comes from the server's [`silence_watch`]: the session keeps no timer of its own
 /// while it waits.
+///
+/// `probe` asks for a PING at once, to be answered within [`PROBE_WITHIN`]: a newer session
+/// of the same node came up, which is what an agent does when it found this one dead, so the
+/// server need not wait out the silence to learn it too (a peer whose socket is gone answers
+/// with a reset at once).
 pub async fn run_listening(
     mut pp: h2::PingPong,
     ka: Keepalive,
     heard: &crate::heard::LastHeard,
     rtt_us: &Gauge,
     rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+    probe: &tokio::sync::Notify,
 ) -> String {
     let answer_within = ka.timeout / 2;
     let quiet_for = listening_quiet(ka);
     let mut first = true;
     loop {
+        let mut within = if first { ka.timeout } else { answer_within };
         if !first {
-            heard.until_silent(quiet_for).await;
+            tokio::select! {
+                _ = heard.until_silent(quiet_for) => {}
+                _ = probe.notified() => within = within.min(PROBE_WITHIN),
+            }
         }
-        let within = if first { ka.timeout } else { answer_within };
         first = false;
         if let Err(why) = ping(&mut pp, within, rtt_us, rtt).await {
             return why.unwrap_or_else(|| {
@@ -107,6 +136,11 @@ pub async fn run_listening(
         }
     }
 }
+
+/// How long a probed session has to answer (see [`run_listening`]). A live one answers in a
+/// round trip; one behind a queue of its own bytes may take longer and is then taken for dead,
+/// which is safe: its resumable streams continue on the newer session.
+pub const PROBE_WITHIN: Duration = Duration::from_secs(1);
 
 /// How long the server lets a peer be silent before it pings: `interval + timeout / 2`, less
 /// the [`SilenceWatch`] tick by which the wake may come late.

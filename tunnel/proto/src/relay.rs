@@ -304,7 +304,7 @@ async fn stream_to_tcp(mut rx: RecvStream, wr: &mut WriteHalf<'_>, r: &mut Recei
 }
 
 /// Resets the TCP connection when it is closed (RST instead of FIN).
-fn set_abortive_close(fd: BorrowedFd<'_>) {
+pub fn set_abortive_close(fd: BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
