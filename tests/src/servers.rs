@@ -117,3 +117,62 @@ pub fn edge(listener: TcpListener, log: Log) {
         Err(e) => format!("edge error {e}"),
     });
 }
+
+/// The byte at offset `i` of [`commands`]' downloads (not periodic at any small length).
+pub fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// sha256 of the first `n` bytes of the [`pattern`].
+pub fn pattern_sha(n: u64) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(buf.len() as u64) as usize;
+        for (j, b) in buf[..k].iter_mut().enumerate() {
+            *b = pattern(off + j as u64);
+        }
+        h.update(&buf[..k]);
+        off += k as u64;
+    }
+    h.finalize().to_vec()
+}
+
+/// A node's service for long streams: a connection's first line is `bulk <n>` (n [`pattern`]
+/// bytes follow) or `log <n>` (n lines `line <i>`, one per `every`); then it closes.
+pub fn commands(l: TcpListener, every: Duration) {
+    thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut cmd = String::new();
+                r.read_line(&mut cmd).unwrap();
+                let mut w = conn;
+                match cmd.split_whitespace().collect::<Vec<_>>()[..] {
+                    ["bulk", n] => {
+                        let n: u64 = n.parse().unwrap();
+                        let mut buf = vec![0u8; 256 << 10];
+                        let mut off = 0;
+                        while off < n {
+                            let k = (n - off).min(buf.len() as u64) as usize;
+                            for (j, b) in buf[..k].iter_mut().enumerate() {
+                                *b = pattern(off + j as u64);
+                            }
+                            w.write_all(&buf[..k]).unwrap();
+                            off += k as u64;
+                        }
+                    }
+                    ["log", n] => {
+                        for i in 0..n.parse::<u64>().unwrap() {
+                            w.write_all(format!("line {i}\n").as_bytes()).unwrap();
+                            thread::sleep(every);
+                        }
+                    }
+                    _ => panic!("unknown command {cmd:?}"),
+                }
+            });
+        }
+    });
+}

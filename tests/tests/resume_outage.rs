@@ -14,7 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector_tests::{LoggedProc, World, pki::TestPki, scrape, tunnel_procs};
+use redirector_tests::{
+    LoggedProc, World,
+    pki::TestPki,
+    scrape,
+    servers::{self, pattern_sha},
+    tunnel_procs,
+};
 use sha2::{Digest, Sha256};
 
 /// A port of node edge-c that only this test's service listens on.
@@ -26,63 +32,6 @@ const LINE_EVERY: Duration = Duration::from_millis(10);
 const OUTAGE: Duration = Duration::from_secs(20);
 /// The client reads the download at about this rate, so that it is mid-way at the outage.
 const READ_RATE: u64 = 16 << 20;
-
-/// The byte at offset `i` of the download.
-fn pattern(i: u64) -> u8 {
-    (i.wrapping_mul(2_654_435_761) >> 13) as u8
-}
-
-fn pattern_sha(n: u64) -> Vec<u8> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < n {
-        let k = (n - off).min(buf.len() as u64) as usize;
-        for (j, b) in buf[..k].iter_mut().enumerate() {
-            *b = pattern(off + j as u64);
-        }
-        h.update(&buf[..k]);
-        off += k as u64;
-    }
-    h.finalize().to_vec()
-}
-
-/// The node's service: `bulk <n>` sends n pattern bytes, `log <n>` n numbered lines, one per
-/// [`LINE_EVERY`]; then it closes.
-fn service(l: TcpListener) {
-    thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut cmd = String::new();
-                r.read_line(&mut cmd).unwrap();
-                let mut w = conn;
-                match cmd.split_whitespace().collect::<Vec<_>>()[..] {
-                    ["bulk", n] => {
-                        let n: u64 = n.parse().unwrap();
-                        let mut buf = vec![0u8; 256 << 10];
-                        let mut off = 0;
-                        while off < n {
-                            let k = (n - off).min(buf.len() as u64) as usize;
-                            for (j, b) in buf[..k].iter_mut().enumerate() {
-                                *b = pattern(off + j as u64);
-                            }
-                            w.write_all(&buf[..k]).unwrap();
-                            off += k as u64;
-                        }
-                    }
-                    ["log", n] => {
-                        for i in 0..n.parse::<u64>().unwrap() {
-                            w.write_all(format!("line {i}\n").as_bytes()).unwrap();
-                            thread::sleep(LINE_EVERY);
-                        }
-                    }
-                    _ => panic!("unknown command {cmd:?}"),
-                }
-            });
-        }
-    });
-}
 
 /// A client in the redirected cgroup, in the master namespace, connected to edge-c's port.
 fn client(w: &World) -> TcpStream {
@@ -102,7 +51,7 @@ fn a_download_and_a_log_stream_run_through_a_20_s_outage_of_the_agents_link() {
     let mut st = tunnel_procs::stack_with(&w, &pki, &["--ports", &PORT.to_string()], &fast);
     {
         let _e = w.edge.enter();
-        service(TcpListener::bind(("127.0.0.1", PORT)).unwrap());
+        servers::commands(TcpListener::bind(("127.0.0.1", PORT)).unwrap(), LINE_EVERY);
     }
     let mut args = tunnel_procs::agent_args(
         &pki,

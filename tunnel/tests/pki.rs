@@ -154,6 +154,7 @@ impl Cluster {
             source: None,
             resume: Default::default(),
             flows: Default::default(),
+            handoff: Default::default(),
         }
     }
 }

@@ -223,6 +223,7 @@ fn fleet_config(
         source: Some(source),
         resume: Default::default(),
         flows: Default::default(),
+        handoff: Default::default(),
     })
 }
 

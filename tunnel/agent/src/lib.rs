@@ -10,12 +10,14 @@
 //! - [`pki`], [`enroll`], `csr_api`: certificates from files, a bootstrap token or the CSR API.
 //! - [`metrics`]: the agent's Prometheus metrics; [`metrics_port`]: their port when two agents
 //!   share a node, and `tunnel-agent probe`.
-//! - [`resume`]: streams kept across a lost session, resumed on the next.
+//! - [`resume`]: streams kept across a lost session, resumed on the next; [`handoff`]: open
+//!   streams handed to a newer agent on the node (a rolling upgrade).
 //! - [`connect`]: which streams it serves (CONNECT, its own node, allow-listed ports).
 pub mod connect;
 #[cfg(feature = "csr-api")]
 pub mod csr_api;
 pub mod enroll;
+pub mod handoff;
 pub mod metrics;
 pub mod metrics_port;
 pub mod pki;

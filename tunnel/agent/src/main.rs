@@ -66,6 +66,10 @@ struct Args {
     /// Seconds a draining session (certificate rotation, shutdown) keeps its open streams.
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "300", value_parser = edge_cli::seconds::positive)]
     drain_timeout: Duration,
+    /// Unix socket where a newer agent on this node takes over open streams when this one
+    /// stops (a rolling upgrade; both pods mount its directory). Unset: streams drain.
+    #[arg(long, env = "TUNNEL_HANDOFF_SOCKET")]
+    handoff_socket: Option<PathBuf>,
     /// How many ports from --metrics-listen's on the agent may take, the first free one: a
     /// second agent on the node (the new pod of a rolling upgrade, beside the old) takes the
     /// next instead of failing.
@@ -146,6 +150,7 @@ fn settings(a: Args) -> Result<Settings, String> {
         keepalive: a.common.keepalive(),
         resume: a.common.resume(),
         drain_timeout: a.drain_timeout,
+        handoff_socket: a.handoff_socket.clone(),
         metrics_listen: a
             .common
             .metrics_listen

@@ -21,6 +21,10 @@ pub struct AgentMetrics {
     pub refused: Family<Reason, Counter>,
     pub keepalive_rtt_us: Gauge,
     pub resume: tunnel_proto::resume::ResumeMetrics,
+    /// Streams handed to a newer agent on this node when this one stopped, and taken over
+    /// from an older one.
+    pub streams_handed_over: Counter,
+    pub streams_adopted: Counter,
 }
 
 impl AgentMetrics {
@@ -75,5 +79,15 @@ impl AgentMetrics {
             self.keepalive_rtt_us.clone(),
         );
         self.resume.register("tunnel_agent", r);
+        r.register(
+            "tunnel_agent_streams_handed_over",
+            "Open streams handed to a newer agent on this node when this one stopped",
+            self.streams_handed_over.clone(),
+        );
+        r.register(
+            "tunnel_agent_streams_adopted",
+            "Open streams taken over from an older agent on this node",
+            self.streams_adopted.clone(),
+        );
     }
 }

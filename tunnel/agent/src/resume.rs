@@ -103,14 +103,14 @@ pub fn asked(req: &http::Request<RecvStream>) -> Option<FlowId> {
 pub async fn serve(
     cfg: &AgentConfig,
     stats: &AgentMetrics,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     respond: SendResponse<Bytes>,
     body: RecvStream,
     id: FlowId,
     budget: Arc<Budget>,
 ) -> Outcome {
     let answer_within = crate::session::ANSWER_WITHIN;
-    let Some((_registered, mut next)) = cfg.flows.register(id) else {
+    let Some((registered, next)) = cfg.flows.register(id) else {
         tracing::warn!(stream = %id, "a new stream reuses a resume ID in use: served without resumption");
         let up = Up::Answer {
             respond,
@@ -119,44 +119,113 @@ pub async fn serve(
         };
         return relay::relay(tcp, up, body).await;
     };
-    let mut p = Progress::new(Some(Retained::new(keep_for(cfg.stream_window), budget)));
+    let p = Progress::new(Some(Retained::new(keep_for(cfg.stream_window), budget)));
     let mut ok = relay::ok_response();
     ok.headers_mut().insert(
         RESUME_HEADER,
         id.header().parse().expect("hex is a header value"),
     );
-    let mut up = Up::Answer {
+    let up = Up::Answer {
         respond,
         by: answer_within,
         ok,
     };
-    let (mut body, mut resend) = (Some(body), Resend::default());
-    loop {
-        let ended = {
-            let rx = body.take();
-            let leg = relay::leg(&mut tcp, up, async move { rx }, &mut p, resend);
-            tokio::select! {
-                l = leg => Ok(l),
-                // The server saw this stream's session lost before this end did: the newer
-                // stream wins, the old leg is dropped (it is cancel-safe).
-                r = next.recv() => Err(r),
-            }
-        };
-        let first = match ended {
-            Ok(Leg::Done(end)) => return relay::outcome(&p, end),
-            Ok(Leg::Lost) if !p.resumable() => {
-                stats.resume.fail("unresumable");
-                tracing::warn!(stream = %id, why = ?p.sending.unresumable, "session lost; the stream kept too much to resume (--resume-buffer-per-session): reset");
-                return reset(&tcp, &p);
-            }
-            Ok(Leg::Lost) => None,
-            Err(r) => r,
-        };
-        let (tx, rx, rs) = match park(cfg, stats, id, &mut p, &mut next, first).await {
-            Some(x) => x,
-            None => return reset(&tcp, &p),
-        };
-        (up, body, resend) = (Up::Open(tx), Some(rx), rs);
+    let flow = Flow {
+        id,
+        tcp,
+        p,
+        next,
+        _registered: registered,
+    };
+    flow.run(cfg, stats, Some((up, body))).await
+}
+
+/// Takes over a stream another agent process served (see [`crate::handoff`]): parked at once,
+/// as if its session had just been lost here.
+pub async fn adopt(
+    cfg: &AgentConfig,
+    stats: &AgentMetrics,
+    tcp: TcpStream,
+    id: FlowId,
+    p: Progress,
+) -> Outcome {
+    let Some((registered, next)) = cfg.flows.register(id) else {
+        tracing::warn!(stream = %id, "a handed-over stream's ID is in use here: reset");
+        return reset(&tcp, &p);
+    };
+    let flow = Flow {
+        id,
+        tcp,
+        p,
+        next,
+        _registered: registered,
+    };
+    flow.run(cfg, stats, None).await
+}
+
+/// One resumable connection to a local service, across the streams (legs) it runs on.
+struct Flow<'a> {
+    id: FlowId,
+    tcp: TcpStream,
+    p: Progress,
+    next: mpsc::Receiver<Resumed>,
+    _registered: Registered<'a>,
+}
+
+impl Flow<'_> {
+    /// Runs `first` (none: the stream starts parked), then every resumed leg, until done.
+    async fn run(
+        mut self,
+        cfg: &AgentConfig,
+        stats: &AgentMetrics,
+        first: Option<(Up, RecvStream)>,
+    ) -> Outcome {
+        let id = self.id;
+        let (mut leg_of, mut resend) = (first, Resend::default());
+        loop {
+            let pending = match leg_of.take() {
+                None => None,
+                Some((up, rx)) => {
+                    let ended = {
+                        let leg = relay::leg(
+                            &mut self.tcp,
+                            up,
+                            async move { Some(rx) },
+                            &mut self.p,
+                            resend,
+                        );
+                        tokio::select! {
+                            l = leg => Ok(l),
+                            // The server saw this stream's session lost before this end did:
+                            // the newer stream wins, the old leg is dropped (it is cancel-safe).
+                            r = self.next.recv() => Err(r),
+                        }
+                    };
+                    match ended {
+                        Ok(Leg::Done(end)) => return relay::outcome(&self.p, end),
+                        Ok(Leg::Lost) if !self.p.resumable() => {
+                            stats.resume.fail("unresumable");
+                            tracing::warn!(stream = %id, why = ?self.p.sending.unresumable, "session lost; the stream kept too much to resume (--resume-buffer-per-session): reset");
+                            return reset(&self.tcp, &self.p);
+                        }
+                        Ok(Leg::Lost) => {
+                            // Stopping for an upgrade: the newer agent on this node takes it.
+                            if let Some(to) = cfg.handoff.successor() {
+                                return crate::handoff::hand(to, id, self.tcp, self.p, stats);
+                            }
+                            None
+                        }
+                        Err(r) => r,
+                    }
+                }
+            };
+            let (tx, rx, rs) =
+                match park(cfg, stats, id, &mut self.p, &mut self.next, pending).await {
+                    Some(x) => x,
+                    None => return reset(&self.tcp, &self.p),
+                };
+            (leg_of, resend) = (Some((Up::Open(tx), rx)), rs);
+        }
     }
 }
 
@@ -224,8 +293,11 @@ async fn park(
     }
 }
 
+/// How long a resume may wait for its stream to arrive from an older agent handing it over.
+const HANDOFF_ARRIVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Answers a resume: hands it to its parked stream, or refuses it as gone.
-pub fn hand_over(
+pub async fn hand_over(
     cfg: &AgentConfig,
     stats: &AgentMetrics,
     req: http::Request<RecvStream>,
@@ -242,8 +314,18 @@ pub fn hand_over(
         theirs,
         budget,
     };
-    if let Err(r) = cfg.flows.hand(id, r) {
-        tracing::info!(stream = %id, "a resume names a stream this agent does not have (its window passed, or the agent restarted): refused");
-        crate::session::reject(stats, r.respond, Refusal::StreamGone);
+    let (mut r, deadline) = (r, Instant::now() + HANDOFF_ARRIVAL);
+    loop {
+        match cfg.flows.hand(id, r) {
+            Ok(()) => return,
+            Err(back) => r = back,
+        }
+        // The server may resume before the older agent's hand-over of the stream arrived.
+        if !cfg.handoff.receiving() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    tracing::info!(stream = %id, "a resume names a stream this agent does not have (its window passed, or the agent restarted): refused");
+    crate::session::reject(stats, r.respond, Refusal::StreamGone);
 }

@@ -48,6 +48,9 @@ pub enum Via {
     CsrApi { lifetime: Duration },
 }
 
+/// How long a stopping agent waits for its streams to reach the newer agent.
+const HANDOFF_WITHIN: Duration = Duration::from_secs(10);
+
 pub struct Settings {
     pub node_id: String,
     pub servers: Vec<String>,
@@ -57,6 +60,8 @@ pub struct Settings {
     pub dial: Vec<IpAddr>,
     pub keepalive: Keepalive,
     pub resume: tunnel_proto::resume::ResumeConfig,
+    /// Where a newer agent on this node takes open streams over (`--handoff-socket`).
+    pub handoff_socket: Option<PathBuf>,
     pub drain_timeout: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served: the first free port of
     /// `metrics_listen`'s and the `metrics_port_span - 1` after it.
@@ -164,7 +169,24 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> Result<()> {
         source: None,
         resume: s.resume,
         flows: Default::default(),
+        handoff: crate::handoff::Handoff::new(s.handoff_socket),
     };
-    session::run(cfg, metrics, shutdown).await;
+    let (handoff, flows, node) = (cfg.handoff.clone(), cfg.flows.clone(), cfg.node_id.clone());
+    let stop_sessions = CancellationToken::new();
+    tokio::spawn(
+        handoff
+            .clone()
+            .listen(Arc::new(cfg.clone()), metrics.clone(), shutdown.clone()),
+    );
+    let sessions = tokio::spawn(session::run(cfg, metrics, stop_sessions.clone()));
+    shutdown.cancelled().await;
+    // A newer agent on this node (a rolling upgrade) takes the open streams: found before the
+    // sessions close, so that they close for it instead of draining.
+    let handing = handoff.find_successor(&node).await;
+    stop_sessions.cancel();
+    let _ = sessions.await;
+    if handing {
+        handoff.finish(&flows, HANDOFF_WITHIN).await;
+    }
     Ok(())
 }

@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub resume: tunnel_proto::resume::ResumeConfig,
     /// The resumable streams being served (shared by every session of this agent).
     pub flows: Arc<crate::resume::Flows>,
+    /// Where open streams go when this agent stops for a newer one (`--handoff-socket`).
+    pub handoff: Arc<crate::handoff::Handoff>,
 }
 
 /// After new sessions are up, how long the old ones keep taking new streams: the servers
@@ -444,6 +446,14 @@ async fn session(
                 continue;
             }
             _ = shutdown.cancelled(), if !draining => {
+                if cfg.handoff.successor().is_some() {
+                    // A newer agent takes the streams: the session closes at once (a reset, so
+                    // the server sees it lost and resumes each stream there); nothing drains.
+                    // SAFETY: the connection (and its socket) is alive until this returns.
+                    relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                    tracing::info!(server = %server, "session closed; its streams go to the newer agent");
+                    return Ok(());
+                }
                 // GOAWAY: the server opens no new stream here; open ones finish, which
                 // needs the connection polled (below) until it closes.
                 conn.graceful_shutdown();
@@ -547,7 +557,7 @@ async fn serve_stream(
         .contains_key(tunnel_proto::resume::RESUME_OF_HEADER)
     {
         // The same node and an allowed port, as checked above: the parked stream takes it.
-        return crate::resume::hand_over(cfg, stats, req, respond, budget);
+        return crate::resume::hand_over(cfg, stats, req, respond, budget).await;
     }
     let mut last_err = None;
     let mut tcp = None;

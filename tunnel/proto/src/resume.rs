@@ -294,6 +294,26 @@ impl Retained {
         }
     }
 
+    /// What another process kept: the bytes from offset `start` on (a stream handed over by
+    /// the agent it ran in, see the agent's `handoff`).
+    pub fn restore(
+        keep: u64,
+        budget: Arc<Budget>,
+        start: u64,
+        bytes: Bytes,
+    ) -> Result<Self, Unresumable> {
+        let mut r = Retained::new(keep, budget);
+        r.start = start;
+        r.end = start;
+        r.push(bytes)?;
+        Ok(r)
+    }
+
+    /// Offset of the first byte held.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
     /// Bytes read so far.
     pub fn end(&self) -> u64 {
         self.end

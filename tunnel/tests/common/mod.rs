@@ -193,6 +193,7 @@ pub fn agent_config(
         source: None,
         resume: Default::default(),
         flows: Default::default(),
+        handoff: Default::default(),
     }
 }
 

@@ -1,0 +1,473 @@
+//! Handing open streams to the newer agent on the same node: a rolling upgrade drops none.
+//!
+//! Every agent given `--handoff-socket` listens there (the newest one binds the path, taking
+//! it from the one before). An agent told to stop first looks for a newer agent at the path;
+//! if one answers (another process of the same user, serving the same node), it closes its
+//! sessions with a reset instead of draining them, and each resumable stream, lost with its
+//! session, is handed over instead of parked: its connection to the local service (the file
+//! descriptor, passed with SCM_RIGHTS), what it read and delivered, and the bytes it kept.
+//! The newer agent parks it as its own; the server, which saw the session lost, resumes it on
+//! the newer agent's session. Neither the local service nor the client sees anything but a
+//! pause of about a round trip.
+use std::{
+    io::{Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::{TcpStream, UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::{
+    relay::{self, End, Outcome},
+    resume::{Budget, FlowId, Progress, Retained, keep_for},
+};
+
+use crate::{AgentConfig, AgentMetrics};
+
+/// Opens each hand-over message.
+const MAGIC: &[u8; 4] = b"EDGH";
+/// magic, ID, read, read_end, delivered, got_end, kept from, kept length.
+const HEADER: usize = 4 + 16 + 8 + 1 + 8 + 1 + 8 + 8;
+
+/// One stream on its way to the newer agent.
+pub struct Handed {
+    id: FlowId,
+    tcp: std::net::TcpStream,
+    p: Progress,
+}
+
+/// This agent's side of hand-overs: where it listens, and its successor once it stops.
+#[derive(Default)]
+pub struct Handoff {
+    path: Option<PathBuf>,
+    successor: Mutex<Option<mpsc::Sender<Handed>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Older agents handing streams over to this one now.
+    receiving: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one hand-over connection in [`Handoff::receiving`] until dropped.
+struct Receiving<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Handoff {
+    pub fn new(path: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(Handoff {
+            path,
+            ..Handoff::default()
+        })
+    }
+
+    /// Whether an older agent is handing streams over now: a resume naming a stream not here
+    /// yet may be for one still on its way.
+    pub fn receiving(&self) -> bool {
+        self.receiving.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Where lost streams go while this agent stops for a newer one.
+    pub fn successor(&self) -> Option<mpsc::Sender<Handed>> {
+        self.successor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// At shutdown: whether a newer agent of `node` listens at the path, which then takes
+    /// every stream lost from here on.
+    pub async fn find_successor(&self, node: &str) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        match connect_successor(path, node).await {
+            Ok(Some(sock)) => {
+                let (tx, rx) = mpsc::channel();
+                let writer = std::thread::spawn(move || write_all_handed(sock, rx));
+                *self.successor.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+                tracing::info!(socket = %path.display(), "a newer agent of this node listens: its open streams go to it");
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), "no hand-over to a newer agent ({e}): draining open streams instead");
+                false
+            }
+        }
+    }
+
+    /// After the sessions closed: waits (up to `within`) until every stream was handed over
+    /// and written to the successor.
+    pub async fn finish(&self, flows: &crate::resume::Flows, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !flows.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !flows.is_empty() {
+            tracing::warn!(
+                streams = flows.len(),
+                "streams not handed over within {within:?}"
+            );
+        }
+        // No sender left: the writer ends once it wrote what it has.
+        self.successor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = writer {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+    }
+
+    /// Listens at the path until `shutdown`, adopting every stream an older agent hands over.
+    pub async fn listen(
+        self: Arc<Self>,
+        cfg: Arc<AgentConfig>,
+        stats: Arc<AgentMetrics>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(path) = &self.path else { return };
+        let l = match bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(socket = %path.display(), "cannot listen for hand-overs (--handoff-socket): {e}; an older agent stopping now resets its open streams");
+                return;
+            }
+        };
+        loop {
+            let sock = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = l.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("hand-over socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let (cfg, stats) = (cfg.clone(), stats.clone());
+            self.receiving
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _receiving = Receiving(&this.receiving);
+                if let Err(e) = receive(sock, cfg, stats).await {
+                    tracing::warn!("hand-over from an older agent failed: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Sends a lost stream to the successor; the outcome here is a clean end (it goes on there).
+pub fn hand(
+    to: mpsc::Sender<Handed>,
+    id: FlowId,
+    tcp: TcpStream,
+    p: Progress,
+    stats: &AgentMetrics,
+) -> Outcome {
+    let out = relay::outcome(&p, End::Closed);
+    match tcp.into_std() {
+        Ok(tcp) => match to.send(Handed { id, tcp, p }) {
+            Ok(()) => {
+                stats.streams_handed_over.inc();
+            }
+            Err(_) => {
+                tracing::warn!(stream = %id, "the hand-over ended before this stream: closed")
+            }
+        },
+        Err(e) => tracing::warn!(stream = %id, "cannot hand the stream over: {e}"),
+    }
+    out
+}
+
+/// The socket directory is the agent's alone (0700); an older agent's socket file is replaced.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Connects to the listener at `path`: `None` if it is this process's own (no newer agent).
+async fn connect_successor(
+    path: &Path,
+    node: &str,
+) -> std::io::Result<Option<std::os::unix::net::UnixStream>> {
+    let mut sock = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        // Nobody listens: no newer agent.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let cred = sock.peer_cred()?;
+    if cred.pid() == Some(std::process::id() as i32) {
+        return Ok(None);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if cred.uid() != unsafe { libc::geteuid() } {
+        return Err(std::io::Error::other(format!(
+            "the listener runs as uid {}, not this agent's",
+            cred.uid()
+        )));
+    }
+    sock.write_all(format!("{node}\n").as_bytes()).await?;
+    let mut ack = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::BufReader::new(&mut sock).read_line(&mut ack),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no answer from the newer agent"))??;
+    if ack.trim() != "ok" {
+        return Err(std::io::Error::other(format!(
+            "the newer agent refused: {}",
+            ack.trim()
+        )));
+    }
+    let sock = sock.into_std()?;
+    sock.set_nonblocking(false)?;
+    Ok(Some(sock))
+}
+
+fn write_all_handed(mut sock: std::os::unix::net::UnixStream, rx: mpsc::Receiver<Handed>) {
+    for h in rx {
+        let id = h.id;
+        if let Err(e) = write_one(&mut sock, &h) {
+            tracing::warn!(stream = %id, "handing the stream over failed: {e}");
+        }
+        // Our copy of the descriptor closes here; the newer agent holds the connection.
+    }
+}
+
+fn write_one(sock: &mut std::os::unix::net::UnixStream, h: &Handed) -> std::io::Result<()> {
+    let s = &h.p.sending;
+    let (start, chunks) = match &s.retained {
+        Some(r) => (r.start(), r.since(r.start()).unwrap_or_default()),
+        None => (s.read, Default::default()),
+    };
+    let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut head = Vec::with_capacity(HEADER);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&h.id.0.to_le_bytes());
+    head.extend_from_slice(&s.read.to_le_bytes());
+    head.push(s.read_end as u8);
+    head.extend_from_slice(&h.p.receiving.delivered.to_le_bytes());
+    head.push(h.p.receiving.got_end as u8);
+    head.extend_from_slice(&start.to_le_bytes());
+    head.extend_from_slice(&len.to_le_bytes());
+    send_with_fd(sock.as_raw_fd(), &head, h.tcp.as_raw_fd())?;
+    for c in &chunks {
+        sock.write_all(c)?;
+    }
+    Ok(())
+}
+
+async fn receive(
+    sock: UnixStream,
+    cfg: Arc<AgentConfig>,
+    stats: Arc<AgentMetrics>,
+) -> std::io::Result<()> {
+    let cred = sock.peer_cred()?;
+    // SAFETY: geteuid has no preconditions.
+    if cred.uid() != unsafe { libc::geteuid() } {
+        return Err(std::io::Error::other(format!(
+            "refused a hand-over from uid {}",
+            cred.uid()
+        )));
+    }
+    let mut sock = tokio::io::BufReader::new(sock);
+    let mut node = String::new();
+    sock.read_line(&mut node).await?;
+    if node.trim() != cfg.node_id {
+        let _ = sock
+            .get_mut()
+            .write_all(format!("serving {}, not {}\n", cfg.node_id, node.trim()).as_bytes())
+            .await;
+        return Err(std::io::Error::other(format!(
+            "an agent of {} tried to hand over streams to this agent of {}",
+            node.trim(),
+            cfg.node_id
+        )));
+    }
+    sock.get_mut().write_all(b"ok\n").await?;
+    let sock = sock.into_inner().into_std()?;
+    sock.set_nonblocking(false)?;
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let mut sock = sock;
+        while let Some((id, fd, p)) = read_one(&mut sock, &cfg)? {
+            let (cfg, stats) = (cfg.clone(), stats.clone());
+            rt.spawn(async move {
+                let tcp = std::net::TcpStream::from(fd);
+                let tcp = match tcp
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(tcp))
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(stream = %id, "a handed-over connection: {e}");
+                        return;
+                    }
+                };
+                stats.streams_adopted.inc();
+                stats.streams_open.inc();
+                tracing::debug!(stream = %id, "stream taken over from an older agent");
+                let out = crate::resume::adopt(&cfg, &stats, tcp, id, p).await;
+                stats.streams_open.dec();
+                tracing::debug!(stream = %id, ?out, "handed-over stream done");
+            });
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+fn read_one(
+    sock: &mut std::os::unix::net::UnixStream,
+    cfg: &AgentConfig,
+) -> std::io::Result<Option<(FlowId, OwnedFd, Progress)>> {
+    let mut head = [0u8; HEADER];
+    let Some(fd) = recv_with_fd(sock.as_raw_fd(), &mut head)? else {
+        return Ok(None);
+    };
+    if &head[..4] != MAGIC {
+        return Err(std::io::Error::other("not a hand-over message"));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+    let id = FlowId(u128::from_le_bytes(
+        head[4..20].try_into().expect("16 bytes"),
+    ));
+    let (read, read_end) = (u64_at(20), head[28] != 0);
+    let (delivered, got_end) = (u64_at(29), head[37] != 0);
+    let (start, len) = (u64_at(38), u64_at(46));
+    if start + len != read || len > keep_for(u32::MAX) {
+        return Err(std::io::Error::other(format!(
+            "a hand-over keeps bytes {start}..{} of a stream that read {read}",
+            start + len
+        )));
+    }
+    let mut kept = vec![0u8; len as usize];
+    sock.read_exact(&mut kept)?;
+    // Charged to a budget of its own until it resumes on a session (and moves to its budget).
+    let budget = Budget::new(cfg.resume.budget_per_session.max(len));
+    let retained = Retained::restore(
+        keep_for(cfg.stream_window),
+        budget,
+        start,
+        Bytes::from(kept),
+    )
+    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let mut p = Progress::new(Some(retained));
+    p.sending.read_end = read_end;
+    p.receiving.delivered = delivered;
+    p.receiving.got_end = got_end;
+    Ok(Some((id, fd, p)))
+}
+
+/// `data` with one descriptor attached (SCM_RIGHTS).
+fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer has room for one header with one descriptor.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+    }
+    // SAFETY: msg is fully initialised; sock is an open socket.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != data.len() {
+        return Err(std::io::Error::other("short hand-over header write"));
+    }
+    Ok(())
+}
+
+/// Fills `buf` and takes the descriptor that came with it; `None` at EOF.
+fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> std::io::Result<Option<OwnedFd>> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg is fully initialised; sock is an open socket. The header is small, so
+    // MSG_WAITALL gets all of it with its descriptor.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR checks its length.
+    let fd = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            None
+        } else {
+            Some(OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+                libc::CMSG_DATA(cmsg) as *const RawFd,
+            )))
+        }
+    };
+    if n as usize != buf.len() {
+        return Err(std::io::Error::other("short hand-over header"));
+    }
+    fd.map(Some)
+        .ok_or_else(|| std::io::Error::other("a hand-over message without its connection"))
+}
