@@ -20,6 +20,18 @@ const LINE_EVERY: Duration = Duration::from_millis(10);
 
 #[test]
 fn a_rolling_upgrade_hands_a_running_stream_to_the_new_agent_and_resets_nothing() {
+    // As the DaemonSet gives it (the abstract namespace of the node's network), then a path.
+    upgrade(|w| format!("@edge-test-{}", w.id));
+    upgrade(|w| {
+        w.dir
+            .join("agent-run")
+            .join("handoff.sock")
+            .display()
+            .to_string()
+    });
+}
+
+fn upgrade(place: impl Fn(&World) -> String) {
     let w = World::new();
     let pki = TestPki::new(&w.dir);
     let ports = format!("10250,{PORT}");
@@ -28,7 +40,7 @@ fn a_rolling_upgrade_hands_a_running_stream_to_the_new_agent_and_resets_nothing(
         let _e = w.edge.enter();
         servers::commands(TcpListener::bind(("127.0.0.1", PORT)).unwrap(), LINE_EVERY);
     }
-    let socket = w.dir.join("agent-run").join("handoff.sock");
+    let socket = place(&w);
     let agent = |nth: usize| {
         let mut args = tunnel_procs::agent_args(
             &pki,
@@ -38,7 +50,7 @@ fn a_rolling_upgrade_hands_a_running_stream_to_the_new_agent_and_resets_nothing(
             "127.0.0.1",
             "127.0.0.1:0",
         );
-        args.extend(["--handoff-socket".into(), socket.display().to_string()]);
+        args.extend(["--handoff-socket".into(), socket.clone()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         LoggedProc::spawn(&w, &format!("agent-{nth}"), &w.edge, "tunnel-agent", &args)
     };
@@ -116,7 +128,7 @@ fn a_rolling_upgrade_hands_a_running_stream_to_the_new_agent_and_resets_nothing(
         new.log()
     );
     eprintln!(
-        "old agent stopped {stopped_in:?} after SIGTERM; connect loop: {summary}; {} lines",
+        "{socket}: old agent stopped {stopped_in:?} after SIGTERM; connect loop: {summary}; {} lines",
         seen.len()
     );
     let _ = new.stop(libc::SIGTERM, Duration::from_secs(20));

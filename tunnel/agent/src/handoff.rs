@@ -50,6 +50,8 @@ pub struct Handoff {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Older agents handing streams over to this one now.
     receiving: std::sync::atomic::AtomicUsize,
+    /// This agent's own abstract name, with an `@prefix` path.
+    own: Mutex<Option<String>>,
 }
 
 /// Counts one hand-over connection in [`Handoff::receiving`] until dropped.
@@ -89,7 +91,8 @@ impl Handoff {
         let Some(path) = &self.path else {
             return false;
         };
-        match connect_successor(path, node).await {
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match connect_successor(path, own.as_deref(), node).await {
             Ok(Some(sock)) => {
                 let (tx, rx) = mpsc::channel();
                 let writer = std::thread::spawn(move || write_all_handed(sock, rx));
@@ -138,7 +141,7 @@ impl Handoff {
         shutdown: CancellationToken,
     ) {
         let Some(path) = &self.path else { return };
-        let l = match bind(path) {
+        let l = match bind(path, &self.own) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(socket = %path.display(), "cannot listen for hand-overs (--handoff-socket): {e}; an older agent stopping now resets its open streams");
@@ -194,9 +197,25 @@ pub fn hand(
     out
 }
 
+/// The prefix of an abstract-namespace place (`@prefix`), if `path` is one.
+fn abstract_prefix(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix('@')
+}
+
 /// The socket directory is the agent's alone (0700); an older agent's socket file is replaced.
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// An `@prefix` place is in the abstract namespace of the network namespace (the host's, for
+/// agents on the host network: no volume, no file permissions), under a name of its own, as
+/// the older agent still holds its name.
+fn bind(path: &Path, own: &Mutex<Option<String>>) -> std::io::Result<UnixListener> {
+    use std::os::{linux::net::SocketAddrExt, unix::fs::PermissionsExt};
+    if let Some(prefix) = abstract_prefix(path) {
+        let name = format!("{prefix}/{:016x}", rand::random::<u64>());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+        l.set_nonblocking(true)?;
+        *own.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
+        return UnixListener::from_std(l);
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -209,12 +228,44 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// Every other agent's abstract name under `prefix` (from `/proc/net/unix`).
+fn abstract_peers(prefix: &str, own: Option<&str>) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let mut names: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7)?.strip_prefix('@'))
+        .filter(|n| n.strip_prefix(prefix).is_some_and(|r| r.starts_with('/')))
+        .filter(|n| Some(*n) != own)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Reaches the newer agent's listener at `path`.
+async fn dial(path: &Path, own: Option<&str>) -> std::io::Result<UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(prefix) = abstract_prefix(path) else {
+        return UnixStream::connect(path).await;
+    };
+    for name in abstract_peers(prefix, own) {
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        if let Ok(s) = std::os::unix::net::UnixStream::connect_addr(&addr) {
+            s.set_nonblocking(true)?;
+            return UnixStream::from_std(s);
+        }
+    }
+    Err(std::io::ErrorKind::NotFound.into())
+}
+
 /// Connects to the listener at `path`: `None` if it is this process's own (no newer agent).
 async fn connect_successor(
     path: &Path,
+    own: Option<&str>,
     node: &str,
 ) -> std::io::Result<Option<std::os::unix::net::UnixStream>> {
-    let mut sock = match UnixStream::connect(path).await {
+    let mut sock = match dial(path, own).await {
         Ok(s) => s,
         // Nobody listens: no newer agent.
         Err(e)

@@ -67,7 +67,8 @@ struct Args {
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "300", value_parser = edge_cli::seconds::positive)]
     drain_timeout: Duration,
     /// Unix socket where a newer agent on this node takes over open streams when this one
-    /// stops (a rolling upgrade; both pods mount its directory). Unset: streams drain.
+    /// stops (a rolling upgrade): a path both pods mount, or `@NAME` for names in the abstract
+    /// namespace of the host network (no volume). Unset: open streams drain.
     #[arg(long, env = "TUNNEL_HANDOFF_SOCKET")]
     handoff_socket: Option<PathBuf>,
     /// How many ports from --metrics-listen's on the agent may take, the first free one: a
