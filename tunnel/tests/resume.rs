@@ -1,7 +1,8 @@
 //! Streams outlive their session: the agent's link to the server is cut (held silent until both
 //! keepalives declare the session dead, or reset outright), and a stream in full flow carries
 //! on over the agent's next session with every byte once, in order; one whose resume window
-//! passes is reset at both ends; one whose agent restarted is refused and reset at once.
+//! passes is reset at both ends; one whose agent restarted is refused and reset at once; a
+//! half-close and a reset made during the outage reach the service after it.
 //! Real TLS, real HTTP/2, real TCP on loopback; the cut is a userspace relay between the agent
 //! and the server.
 mod common;
@@ -369,4 +370,88 @@ fn failed(m: &tunnel_proto::resume::ResumeMetrics, reason: &'static str) -> u64 
     m.failed
         .get_or_create(&tunnel_proto::resume::FailedLabel { reason })
         .get()
+}
+
+/// A service that reads each connection to its end and reports how it ended: `Ok(bytes)` at
+/// EOF (after answering `got <bytes>` and closing), `Err(kind)` on an error.
+async fn observer() -> (
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<Result<usize, std::io::ErrorKind>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let r = s.read_to_end(&mut buf).await.map_err(|e| e.kind());
+                if r.is_ok() {
+                    let _ = s.write_all(format!("got {}\n", buf.len()).as_bytes()).await;
+                }
+                let _ = tx.send(r.map(|_| buf.len()));
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_half_close_and_a_reset_made_during_the_outage_arrive_after_it() {
+    let ca = Ca::new("resume-ca");
+    let window = Duration::from_secs(30);
+    let srv = start_server_with(&ca, routes(NODES), |c| {
+        c.keepalive = fast_keepalive();
+        c.resume = resume(window);
+    })
+    .await;
+    let link = Link::to(srv.agent_addr).await;
+    let (port, mut ended) = observer().await;
+    let agent = start_edge_a(&ca, &srv, &link, port, window).await;
+    let (mut closing, closing_task) = redirected(&srv.server, orig(port)).await;
+    let (resetting, resetting_task) = redirected(&srv.server, orig(port)).await;
+    closing.write_all(b"hello").await.unwrap();
+    let mut resetting = resetting;
+    resetting.write_all(b"hi").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    link.set(Mode::Silent);
+    wait_for(
+        || agent.stats.resume.parked.get() == 2 && srv.server.stats().resume.parked.get() == 2,
+        "both ends to park both streams",
+    )
+    .await;
+    // During the outage: one client half-closes, the other resets.
+    closing.shutdown().await.unwrap();
+    tunnel_proto::relay::abort(&resetting);
+    drop(resetting);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ended.try_recv().is_err(),
+        "nothing reaches the service during the outage"
+    );
+    link.set(Mode::Up);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(10), ended.recv())
+                .await
+                .expect("the service learns of both ends")
+                .unwrap(),
+        );
+    }
+    got.sort_by_key(|r| r.is_err());
+    assert_eq!(got, vec![Ok(5), Err(std::io::ErrorKind::ConnectionReset)]);
+    // The half-closed stream still carried the service's answer back, then a clean end.
+    let answer = read_all(&mut closing).await.expect("a clean end");
+    assert_eq!(answer, b"got 5\n");
+    assert_eq!(
+        closing_task.await.unwrap().unwrap().end,
+        tunnel::relay::End::Closed
+    );
+    assert_eq!(
+        resetting_task.await.unwrap().unwrap().end,
+        tunnel::relay::End::Reset
+    );
+    assert_eq!(srv.server.stats().resume.resumed.get(), 2);
 }

@@ -287,17 +287,24 @@ async fn keep_session(
     // Shared by the session's streams: each takes a reference, not a copy of the lists.
     let cfg = Arc::new(cfg);
     let mut attempt = 0u32;
+    let mut next = None;
     while !stop.is_cancelled() {
         let began = tokio::time::Instant::now();
-        let ended = session(&cfg, &server, &stats, &stop, &up, &recycle).await;
+        let ended = session(&cfg, &server, &stats, &stop, &up, &recycle, next.take()).await;
         // Its buffers are free now; a session that ends after its last stream (a rotation's
         // old one) would otherwise leave them to the next idle moment.
         if let Some(t) = &cfg.trimmer {
             t.idle();
         }
         match ended {
+            // A standby that came up while the session stalled: it runs next, at once.
+            Ok(Some(standby)) => {
+                next = Some(standby);
+                attempt = 0;
+                continue;
+            }
             // A session that came up resets the backoff.
-            Ok(()) => attempt = 0,
+            Ok(None) => attempt = 0,
             Err(e) => {
                 tracing::warn!(server = %server, "session failed: {e}");
                 attempt += 1;
@@ -336,22 +343,14 @@ async fn connect(server: &str, source: Option<IpAddr>) -> std::io::Result<TcpStr
     sock.connect(to).await
 }
 
-async fn session(
-    cfg: &Arc<AgentConfig>,
-    server: &str,
-    stats: &Arc<AgentMetrics>,
-    shutdown: &CancellationToken,
-    up: &AtomicBool,
-    recycle: &tokio::sync::Notify,
-) -> Result<()> {
-    // Parked streams wait on this dial: one that hangs (its SYN lost in an outage) is given up
-    // after a second and dialled again, so a link that comes back is used at once.
-    let parked = stats.resume.parked.get() > 0;
-    let within = if parked {
-        PARKED_RETRY
-    } else {
-        CONNECT_TIMEOUT
-    };
+/// A session's connection once both handshakes are done, and its socket.
+pub(crate) struct Dialled {
+    conn: h2::server::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    fd: std::os::fd::RawFd,
+}
+
+/// Connects to `server` (giving up after `within`) and does the TLS and HTTP/2 handshakes.
+async fn dial(cfg: &AgentConfig, server: &str, within: Duration) -> Result<Dialled> {
     let tcp = tokio::time::timeout(within, connect(server, cfg.source))
         .await
         .map_err(|_| {
@@ -384,13 +383,54 @@ async fn session(
             })
     };
     // A link that dies mid-handshake must not hold this replica's session forever.
-    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
         .await
         .map_err(|_| {
             Error::Refused(format!(
                 "TLS and HTTP/2 handshakes with server {server} not done within {HANDSHAKE_TIMEOUT:?}"
             ))
         })??;
+    Ok(Dialled { conn, fd })
+}
+
+/// Dials `server` until a session comes up: the standby for a stalled session.
+async fn standby(cfg: &AgentConfig, server: &str) -> Dialled {
+    loop {
+        let began = tokio::time::Instant::now();
+        if let Ok(d) = dial(cfg, server, PARKED_RETRY).await {
+            return d;
+        }
+        // A dial that failed at once (no route yet) is not retried in a busy loop.
+        tokio::time::sleep_until(began + Duration::from_millis(200)).await;
+    }
+}
+
+/// One session to `server`, on `dialled` if given (a standby that came up), else dialled now.
+/// `Ok(Some(next))`: this session stalled and `next`, already up, takes its place.
+async fn session(
+    cfg: &Arc<AgentConfig>,
+    server: &str,
+    stats: &Arc<AgentMetrics>,
+    shutdown: &CancellationToken,
+    up: &AtomicBool,
+    recycle: &tokio::sync::Notify,
+    dialled: Option<Dialled>,
+) -> Result<Option<Dialled>> {
+    let Dialled { mut conn, fd } = match dialled {
+        Some(d) => d,
+        None => {
+            // Parked streams wait on this dial: one that hangs (its SYN lost in an outage) is
+            // given up after a second and dialled again, so a link that comes back is used at
+            // once.
+            let parked = stats.resume.parked.get() > 0;
+            let within = if parked {
+                PARKED_RETRY
+            } else {
+                CONNECT_TIMEOUT
+            };
+            dial(cfg, server, within).await?
+        }
+    };
     stats.sessions_established.inc();
     stats.sessions.inc();
     // Counted down however the session ends.
@@ -407,10 +447,15 @@ async fn session(
     let (rtt_tx, rtt_rx) = tokio::sync::watch::channel(None);
     let load = Arc::new(Load::default());
     let busy_now = || load.open.load(Ordering::Relaxed) > 0;
+    let (stall_tx, mut stalled) = tokio::sync::watch::channel(false);
     let busy = tunnel_proto::keepalive::Busy {
         now: &busy_now,
         started: &load.busy,
+        stalled: &stall_tx,
     };
+    // Dialled while a PING is late: if it comes up first, the path works again and this
+    // connection is only waiting out TCP's retransmission backoff.
+    let mut replacement: Option<Pin<Box<dyn Future<Output = Dialled> + Send + '_>>> = None;
     let ka =
         tunnel_proto::keepalive::run(pings, cfg.keepalive, &stats.keepalive_rtt_us, &rtt_tx, busy);
     tokio::pin!(ka);
@@ -452,7 +497,7 @@ async fn session(
                     // SAFETY: the connection (and its socket) is alive until this returns.
                     relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
                     tracing::info!(server = %server, "session closed; its streams go to the newer agent");
-                    return Ok(());
+                    return Ok(None);
                 }
                 // GOAWAY: the server opens no new stream here; open ones finish, which
                 // needs the connection polled (below) until it closes.
@@ -463,9 +508,28 @@ async fn session(
                 tracing::info!(server = %server, "session draining (GOAWAY sent)");
                 continue;
             }
+            r = stalled.changed() => {
+                if r.is_err() {
+                    continue;
+                }
+                if *stalled.borrow_and_update() && !draining {
+                    if replacement.is_none() {
+                        replacement = Some(Box::pin(standby(cfg, server)));
+                    }
+                } else {
+                    replacement = None;
+                }
+                continue;
+            }
+            d = async { replacement.as_mut().expect("guarded").await }, if replacement.is_some() => {
+                // SAFETY: the connection (and its socket) is alive until this returns.
+                relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                tracing::info!(server = %server, "session stalled and a new one came up beside it: its streams resume there");
+                return Ok(Some(d));
+            }
             _ = &mut drain_deadline => {
                 tracing::warn!(server = %server, "drain deadline passed; closing the session with streams still open");
-                return Ok(());
+                return Ok(None);
             }
             why = &mut ka => {
                 // Closed with a reset: when the link returns, the server's next packet on it
@@ -482,7 +546,7 @@ async fn session(
             n = conn.accept() => n,
         };
         match next {
-            None => return Ok(()),
+            None => return Ok(None),
             Some(Err(e)) => return Err(Error::h2(format!("session with {server}"), e)),
             Some(Ok((req, respond))) => {
                 let (cfg, stats, budget) = (cfg.clone(), stats.clone(), budget.clone());

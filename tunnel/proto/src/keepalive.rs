@@ -30,10 +30,18 @@ impl Default for Keepalive {
 /// idle session's interval. Idle sessions (nearly all of a fleet's) keep the long interval.
 pub const BUSY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Whether a session carries streams now, and a wake-up when it starts to.
+/// How long a PING may go unanswered before the session counts as stalled (at least; four
+/// round trips on a long link): the agent then dials a standby session beside it, which takes
+/// the streams over if it comes up while the PING is still unanswered (the path works again
+/// but the old connection waits out TCP's retransmission backoff).
+pub const STALL_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether a session carries streams now, and a wake-up when it starts to; `stalled` is set
+/// while a PING is late (see [`STALL_AFTER`]).
 pub struct Busy<'a> {
     pub now: &'a (dyn Fn() -> bool + Sync),
     pub started: &'a tokio::sync::Notify,
+    pub stalled: &'a tokio::sync::watch::Sender<bool>,
 }
 
 /// Pings until the peer fails to answer; returns why. The first PING goes out at once, so the
@@ -60,7 +68,7 @@ pub async fn run(
             }
         }
         first = false;
-        if let Err(why) = ping(&mut pp, ka.timeout, rtt_us, rtt).await {
+        if let Err(why) = ping(&mut pp, ka.timeout, rtt_us, rtt, Some(busy.stalled)).await {
             return why.unwrap_or_else(|| {
                 format!(
                     "peer did not answer a keepalive PING within {:?}",
@@ -78,9 +86,27 @@ async fn ping(
     within: Duration,
     rtt_us: &Gauge,
     rtt: &tokio::sync::watch::Sender<Option<Duration>>,
+    stalled: Option<&tokio::sync::watch::Sender<bool>>,
 ) -> Result<(), Option<String>> {
     let start = Instant::now();
-    match tokio::time::timeout(within, pp.ping(h2::Ping::opaque())).await {
+    let answer = tokio::time::timeout(within, pp.ping(h2::Ping::opaque()));
+    tokio::pin!(answer);
+    let answered = match stalled {
+        None => answer.await,
+        Some(flag) => {
+            let after = STALL_AFTER.max(rtt.borrow().unwrap_or_default() * 4);
+            tokio::select! {
+                r = &mut answer => r,
+                _ = tokio::time::sleep(after) => {
+                    flag.send_replace(true);
+                    let r = answer.await;
+                    flag.send_replace(false);
+                    r
+                }
+            }
+        }
+    };
+    match answered {
         Ok(Ok(_)) => {
             let took = start.elapsed();
             rtt_us.set(took.as_micros() as i64);
@@ -126,7 +152,7 @@ pub async fn run_listening(
             }
         }
         first = false;
-        if let Err(why) = ping(&mut pp, within, rtt_us, rtt).await {
+        if let Err(why) = ping(&mut pp, within, rtt_us, rtt, None).await {
             return why.unwrap_or_else(|| {
                 format!(
                     "peer sent nothing for {:?} and did not answer a keepalive PING within {within:?}",
