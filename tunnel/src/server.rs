@@ -988,7 +988,8 @@ impl Server {
                     break End::Reset;
                 }
             };
-            match self.resume(&node, port, id, &mut p).await {
+            // Boxed: its state exists only while parked, not in every connection's task.
+            match Box::pin(self.resume(&node, port, id, &mut p)).await {
                 Some((tx, rx, resend)) => {
                     leg =
                         relay::leg(&mut tcp, Up::Open(tx), async { Some(rx) }, &mut p, resend).await

@@ -10,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+use tokio::{net::TcpStream, time::Instant};
 
 use tunnel_proto::{
     relay::{self, End, Leg, Outcome, Up},
@@ -33,9 +33,34 @@ pub struct Resumed {
     pub budget: Arc<Budget>,
 }
 
+/// Where a stream's next resume waits for it: one slot (a channel would allocate a block of
+/// slots per stream, several KiB for every idle stream).
+#[derive(Default)]
+pub struct Slot {
+    resumed: Mutex<Option<Resumed>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Slot {
+    /// The next resume handed to this stream.
+    async fn recv(&self) -> Resumed {
+        loop {
+            if let Some(r) = self
+                .resumed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                return r;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// Every resumable stream this agent serves, by ID: where a resume is handed to.
 #[derive(Default)]
-pub struct Flows(Mutex<HashMap<FlowId, mpsc::Sender<Resumed>>>);
+pub struct Flows(Mutex<HashMap<FlowId, Arc<Slot>>>);
 
 /// A stream's entry in [`Flows`], removed when the stream is done.
 struct Registered<'a> {
@@ -50,30 +75,35 @@ impl Drop for Registered<'_> {
 }
 
 impl Flows {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowId, mpsc::Sender<Resumed>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowId, Arc<Slot>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `None` if the ID is taken (never by chance: a server reusing one is not trusted with it).
-    fn register(&self, id: FlowId) -> Option<(Registered<'_>, mpsc::Receiver<Resumed>)> {
+    fn register(&self, id: FlowId) -> Option<(Registered<'_>, Arc<Slot>)> {
         let mut flows = self.lock();
         if flows.contains_key(&id) {
             return None;
         }
-        let (tx, rx) = mpsc::channel(1);
-        flows.insert(id, tx);
-        Some((Registered { flows: self, id }, rx))
+        let slot = Arc::new(Slot::default());
+        flows.insert(id, slot.clone());
+        Some((Registered { flows: self, id }, slot))
     }
 
     /// Hands `r` to the stream `id`; gives it back if there is no such stream.
     pub fn hand(&self, id: FlowId, r: Resumed) -> Result<(), Resumed> {
-        let tx = self.lock().get(&id).cloned();
-        match tx {
-            Some(tx) => tx.try_send(r).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-            }),
-            None => Err(r),
+        let Some(slot) = self.lock().get(&id).cloned() else {
+            return Err(r);
+        };
+        let mut resumed = slot.resumed.lock().unwrap_or_else(|p| p.into_inner());
+        // One resume at a time: a second before the stream took the first is refused.
+        if resumed.is_some() {
+            return Err(r);
         }
+        *resumed = Some(r);
+        drop(resumed);
+        slot.ready.notify_one();
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -168,7 +198,7 @@ struct Flow<'a> {
     id: FlowId,
     tcp: TcpStream,
     p: Progress,
-    next: mpsc::Receiver<Resumed>,
+    next: Arc<Slot>,
     _registered: Registered<'a>,
 }
 
@@ -198,7 +228,7 @@ impl Flow<'_> {
                             l = leg => Ok(l),
                             // The server saw this stream's session lost before this end did:
                             // the newer stream wins, the old leg is dropped (it is cancel-safe).
-                            r = self.next.recv() => Err(r),
+                            r = self.next.recv() => Err(Some(r)),
                         }
                     };
                     match ended {
@@ -219,11 +249,12 @@ impl Flow<'_> {
                     }
                 }
             };
-            let (tx, rx, rs) =
-                match park(cfg, stats, id, &mut self.p, &mut self.next, pending).await {
-                    Some(x) => x,
-                    None => return reset(&self.tcp, &self.p),
-                };
+            // Boxed: its state exists only while parked, not in every running stream's task.
+            let parked = Box::pin(park(cfg, stats, id, &mut self.p, &self.next, pending));
+            let (tx, rx, rs) = match parked.await {
+                Some(x) => x,
+                None => return reset(&self.tcp, &self.p),
+            };
             (leg_of, resend) = (Some((Up::Open(tx), rx)), rs);
         }
     }
@@ -242,7 +273,7 @@ async fn park(
     stats: &AgentMetrics,
     id: FlowId,
     p: &mut Progress,
-    next: &mut mpsc::Receiver<Resumed>,
+    next: &Slot,
     mut first: Option<Resumed>,
 ) -> Option<(h2::SendStream<Bytes>, RecvStream, Resend)> {
     let _parked = ParkedGuard::new(&stats.resume);
@@ -252,7 +283,7 @@ async fn park(
         let r = match first.take() {
             Some(r) => r,
             None => match tokio::time::timeout_at(deadline, next.recv()).await {
-                Ok(Some(r)) => r,
+                Ok(r) => r,
                 _ => {
                     stats.resume.fail("window_expired");
                     tracing::warn!(stream = %id, window = ?cfg.resume.window, "no session resumed the stream within --resume-window: reset");

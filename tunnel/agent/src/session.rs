@@ -114,8 +114,11 @@ impl Drop for Counted {
     }
 }
 
-/// The longest wait between session attempts while streams are parked.
+/// The longest wait between session attempts while streams are parked, and the time each
+/// attempt then has to connect.
 const PARKED_RETRY: Duration = Duration::from_secs(1);
+/// How often a new attempt starts while streams wait for a session (see `dial_racing`).
+const RACE_EVERY: Duration = Duration::from_millis(250);
 /// How long a dial to a server may take (a lost SYN is retried by the kernel for minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the TLS and HTTP/2 handshakes may take once connected.
@@ -393,15 +396,28 @@ async fn dial(cfg: &AgentConfig, server: &str, within: Duration) -> Result<Diall
     Ok(Dialled { conn, fd })
 }
 
-/// Dials `server` until a session comes up: the standby for a stalled session.
-async fn standby(cfg: &AgentConfig, server: &str) -> Dialled {
+/// Dials `server` until a session comes up, a new attempt every [`RACE_EVERY`] (each given
+/// [`PARKED_RETRY`]), the first up wins: while the link is down every SYN is lost, and the
+/// kernel would retry a lost one only after a second; with attempts overlapping, one leaves
+/// within a quarter second of the link's return. For streams waiting on a session: a stalled
+/// session's standby, a lost session's successor.
+async fn dial_racing(cfg: &Arc<AgentConfig>, server: &str) -> Dialled {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut next = tokio::time::Instant::now();
     loop {
-        let began = tokio::time::Instant::now();
-        if let Ok(d) = dial(cfg, server, PARKED_RETRY).await {
-            return d;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {
+                let (cfg, server) = (cfg.clone(), server.to_owned());
+                attempts.spawn(async move { dial(&cfg, &server, PARKED_RETRY).await });
+                next += RACE_EVERY;
+            }
+            Some(done) = attempts.join_next() => {
+                if let Ok(Ok(d)) = done {
+                    // The others are aborted with the set.
+                    return d;
+                }
+            }
         }
-        // A dial that failed at once (no route yet) is not retried in a busy loop.
-        tokio::time::sleep_until(began + Duration::from_millis(200)).await;
     }
 }
 
@@ -419,16 +435,16 @@ async fn session(
     let Dialled { mut conn, fd } = match dialled {
         Some(d) => d,
         None => {
-            // Parked streams wait on this dial: one that hangs (its SYN lost in an outage) is
-            // given up after a second and dialled again, so a link that comes back is used at
-            // once.
-            let parked = stats.resume.parked.get() > 0;
-            let within = if parked {
-                PARKED_RETRY
+            // Parked streams wait on this dial: attempts overlap, so a link that comes back is
+            // used at once, not after a lost SYN's retransmission.
+            if stats.resume.parked.get() > 0 {
+                tokio::select! {
+                    d = dial_racing(cfg, server) => d,
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
             } else {
-                CONNECT_TIMEOUT
-            };
-            dial(cfg, server, within).await?
+                dial(cfg, server, CONNECT_TIMEOUT).await?
+            }
         }
     };
     stats.sessions_established.inc();
@@ -514,7 +530,7 @@ async fn session(
                 }
                 if *stalled.borrow_and_update() && !draining {
                     if replacement.is_none() {
-                        replacement = Some(Box::pin(standby(cfg, server)));
+                        replacement = Some(Box::pin(dial_racing(cfg, server)));
                     }
                 } else {
                     replacement = None;
