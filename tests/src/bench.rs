@@ -105,3 +105,20 @@ impl Drop for PinCleanup {
         }
     }
 }
+
+/// Sends `bytes` on `s` to a discard-and-count service, half-closes, and returns the count
+/// the service answers with (8 bytes, big-endian).
+pub fn upload_counted(s: &mut std::net::TcpStream, bytes: u64) -> Result<u64> {
+    use std::io::{Read, Write};
+    let buf = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut c = [0u8; 8];
+    s.read_exact(&mut c)?;
+    Ok(u64::from_be_bytes(c))
+}

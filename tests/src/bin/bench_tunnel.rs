@@ -104,17 +104,7 @@ fn client(cmd: ClientCmd) -> Result<()> {
                 .map(|_| {
                     thread::spawn(move || -> Result<u64> {
                         let mut s = TcpStream::connect(target)?;
-                        let buf = vec![0x5au8; 256 * 1024];
-                        let mut left = bytes;
-                        while left > 0 {
-                            let n = left.min(buf.len() as u64) as usize;
-                            s.write_all(&buf[..n])?;
-                            left -= n as u64;
-                        }
-                        s.shutdown(std::net::Shutdown::Write)?;
-                        let mut c = [0u8; 8];
-                        s.read_exact(&mut c)?;
-                        Ok(u64::from_be_bytes(c))
+                        redirector_tests::bench::upload_counted(&mut s, bytes)
                     })
                 })
                 .collect();

@@ -159,18 +159,8 @@ fn p99(mut v: Vec<f64>) -> f64 {
 fn upload(to: SocketAddr, bytes: u64) -> Result<f64> {
     let t = Instant::now();
     let mut s = connect(to)?;
-    let buf = vec![0x5au8; 256 << 10];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut c = [0u8; 8];
-    s.read_exact(&mut c)?;
     ensure!(
-        u64::from_be_bytes(c) == bytes,
+        redirector_tests::bench::upload_counted(&mut s, bytes)? == bytes,
         "the discard service counted otherwise"
     );
     Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e6)

@@ -11,7 +11,7 @@
 //! pause of about a round trip.
 use std::{
     io::{Read, Write},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
     time::Duration,
@@ -334,7 +334,7 @@ fn write_one(sock: &mut std::os::unix::net::UnixStream, h: &Handed) -> std::io::
     head.push(h.p.receiving.got_end as u8);
     head.extend_from_slice(&start.to_le_bytes());
     head.extend_from_slice(&len.to_le_bytes());
-    send_with_fd(sock.as_raw_fd(), &head, h.tcp.as_raw_fd())?;
+    crate::fd_pass::send_with_fd(sock.as_raw_fd(), &head, h.tcp.as_raw_fd())?;
     for c in &chunks {
         sock.write_all(c)?;
     }
@@ -407,7 +407,7 @@ fn read_one(
     cfg: &AgentConfig,
 ) -> std::io::Result<Option<(FlowId, OwnedFd, Progress)>> {
     let mut head = [0u8; HEADER];
-    let Some(fd) = recv_with_fd(sock.as_raw_fd(), &mut head)? else {
+    let Some(fd) = crate::fd_pass::recv_with_fd(sock.as_raw_fd(), &mut head)? else {
         return Ok(None);
     };
     if &head[..4] != MAGIC {
@@ -442,83 +442,4 @@ fn read_one(
     p.receiving.delivered = delivered;
     p.receiving.got_end = got_end;
     Ok(Some((id, fd, p)))
-}
-
-/// `data` with one descriptor attached (SCM_RIGHTS).
-fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> std::io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer has room for one header with one descriptor.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-    }
-    // SAFETY: msg is fully initialised; sock is an open socket.
-    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n as usize != data.len() {
-        return Err(std::io::Error::other("short hand-over header write"));
-    }
-    Ok(())
-}
-
-/// Fills `buf` and takes the descriptor that came with it; `None` at EOF.
-fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> std::io::Result<Option<OwnedFd>> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: msg is fully initialised; sock is an open socket. The header is small, so
-    // MSG_WAITALL gets all of it with its descriptor.
-    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n == 0 {
-        return Ok(None);
-    }
-    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR checks its length.
-    let fd = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            None
-        } else {
-            Some(OwnedFd::from_raw_fd(std::ptr::read_unaligned(
-                libc::CMSG_DATA(cmsg) as *const RawFd,
-            )))
-        }
-    };
-    if n as usize != buf.len() {
-        return Err(std::io::Error::other("short hand-over header"));
-    }
-    fd.map(Some)
-        .ok_or_else(|| std::io::Error::other("a hand-over message without its connection"))
 }

@@ -17,6 +17,7 @@ pub mod connect;
 #[cfg(feature = "csr-api")]
 pub mod csr_api;
 pub mod enroll;
+mod fd_pass;
 pub mod handoff;
 pub mod metrics;
 pub mod metrics_port;
