@@ -237,22 +237,30 @@ fn orig(port: u16) -> SocketAddr {
     SocketAddr::from(([192, 0, 2, 10], port))
 }
 
-/// Cuts the link once the transfer is a quarter through, in `how`, and restores it.
-async fn transfer_across(s: &Setup, cut: impl FnOnce(&Link), hold: Duration) {
+/// Cuts the link once the transfer is a quarter through (and again at each of `again`, in
+/// eighths), in `how`, and restores it after `hold`.
+async fn transfer_across(s: &Setup, cut: impl Fn(&Link), hold: Duration) {
+    transfer_cut_at(s, cut, hold, &[2]).await
+}
+
+async fn transfer_cut_at(s: &Setup, cut: impl Fn(&Link), hold: Duration, eighths: &[u64]) {
     const TOTAL: u64 = 48 << 20;
     let (client, task) = redirected(&s.srv.server, orig(s.port)).await;
     let progress = Arc::new(AtomicU64::new(0));
     let transfer = tokio::spawn(echo_pattern(client, TOTAL, progress.clone()));
-    wait_for(
-        || progress.load(Ordering::Relaxed) > TOTAL / 4,
-        "a quarter of the transfer",
-    )
-    .await;
     let sessions = s.srv.server.stats().sessions_accepted.get();
-    cut(&s.link);
-    let at_cut = progress.load(Ordering::Relaxed);
-    tokio::time::sleep(hold).await;
-    s.link.set(Mode::Up);
+    let mut at_cut = 0;
+    for e in eighths {
+        wait_for(
+            || progress.load(Ordering::Relaxed) > TOTAL * e / 8,
+            "the next cut's point",
+        )
+        .await;
+        cut(&s.link);
+        at_cut = progress.load(Ordering::Relaxed);
+        tokio::time::sleep(hold).await;
+        s.link.set(Mode::Up);
+    }
     let bye = tokio::time::timeout(Duration::from_secs(30), transfer)
         .await
         .expect("the transfer finishes after the link is back")
@@ -270,8 +278,9 @@ async fn transfer_across(s: &Setup, cut: impl FnOnce(&Link), hold: Duration) {
         s.srv.server.stats().sessions_accepted.get() > sessions,
         "the agent came back on a new session"
     );
-    assert!(s.srv.server.stats().resume.resumed.get() >= 1);
-    assert!(s.agent.stats.resume.resumed.get() >= 1);
+    let cuts = eighths.len() as u64;
+    assert!(s.srv.server.stats().resume.resumed.get() >= cuts);
+    assert!(s.agent.stats.resume.resumed.get() >= cuts);
     assert_eq!(s.srv.server.stats().streams_reset.get(), 0);
     assert_eq!(s.srv.server.stats().resume.parked.get(), 0);
 }
@@ -286,6 +295,12 @@ async fn a_stream_in_full_flow_survives_a_silent_link_that_kills_its_session() {
         s.srv.server.stats().sessions_dead.get() > dead_before,
         "the server's keepalive found the session dead"
     );
+}
+
+#[tokio::test]
+async fn a_resumed_stream_survives_the_next_outage_too() {
+    let s = setup(Duration::from_secs(30)).await;
+    transfer_cut_at(&s, |l| l.set(Mode::Silent), Duration::from_secs(2), &[2, 5]).await;
 }
 
 #[tokio::test]

@@ -31,6 +31,8 @@ pub struct Resumed {
     pub theirs: Received,
     /// The budget of the session it arrived on, which keeps the stream's bytes from now on.
     pub budget: Arc<Budget>,
+    /// The stream counted in that session's load while it runs there.
+    pub(crate) counted: crate::session::Counted,
 }
 
 /// Where a stream's next resume waits for it: one slot (a channel would allocate a block of
@@ -166,6 +168,7 @@ pub async fn serve(
         p,
         next,
         _registered: registered,
+        counted: None,
     };
     flow.run(cfg, stats, Some((up, body))).await
 }
@@ -189,6 +192,7 @@ pub async fn adopt(
         p,
         next,
         _registered: registered,
+        counted: None,
     };
     flow.run(cfg, stats, None).await
 }
@@ -200,6 +204,7 @@ struct Flow<'a> {
     p: Progress,
     next: Arc<Slot>,
     _registered: Registered<'a>,
+    counted: Option<crate::session::Counted>,
 }
 
 impl Flow<'_> {
@@ -251,11 +256,13 @@ impl Flow<'_> {
             };
             // Boxed: its state exists only while parked, not in every running stream's task.
             let parked = Box::pin(park(cfg, stats, id, &mut self.p, &self.next, pending));
-            let (tx, rx, rs) = match parked.await {
+            let (tx, rx, rs, counted) = match parked.await {
                 Some(x) => x,
                 None => return reset(&self.tcp, &self.p),
             };
             (leg_of, resend) = (Some((Up::Open(tx), rx)), rs);
+            // Counted in the load of the session it runs on now (its keepalive pings faster).
+            self.counted = Some(counted);
         }
     }
 }
@@ -275,7 +282,12 @@ async fn park(
     p: &mut Progress,
     next: &Slot,
     mut first: Option<Resumed>,
-) -> Option<(h2::SendStream<Bytes>, RecvStream, Resend)> {
+) -> Option<(
+    h2::SendStream<Bytes>,
+    RecvStream,
+    Resend,
+    crate::session::Counted,
+)> {
     let _parked = ParkedGuard::new(&stats.resume);
     let deadline = Instant::now() + cfg.resume.window;
     tracing::debug!(stream = %id, "session lost; stream parked");
@@ -296,6 +308,7 @@ async fn park(
             body,
             theirs,
             budget,
+            counted,
         } = r;
         let Some(rs) = p.resend(theirs) else {
             stats.resume.fail("offset");
@@ -316,7 +329,7 @@ async fn park(
             Ok(tx) => {
                 stats.resume.resumed.inc();
                 tracing::debug!(stream = %id, ?theirs, "stream resumed");
-                return Some((tx, body, rs));
+                return Some((tx, body, rs, counted));
             }
             // That session went too: wait for the next one, within the same window.
             Err(e) => tracing::debug!(stream = %id, "answering the resume failed: {e}"),
@@ -328,12 +341,13 @@ async fn park(
 const HANDOFF_ARRIVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Answers a resume: hands it to its parked stream, or refuses it as gone.
-pub async fn hand_over(
+pub(crate) async fn hand_over(
     cfg: &AgentConfig,
     stats: &AgentMetrics,
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
     budget: Arc<Budget>,
+    counted: crate::session::Counted,
 ) {
     let Some((id, theirs)) = resume_of(&req) else {
         tracing::warn!(headers = ?req.headers(), "a resume without a valid stream ID and figure: refused");
@@ -344,6 +358,7 @@ pub async fn hand_over(
         body: req.into_body(),
         theirs,
         budget,
+        counted,
     };
     let (mut r, deadline) = (r, Instant::now() + HANDOFF_ARRIVAL);
     loop {

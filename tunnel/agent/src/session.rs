@@ -85,7 +85,7 @@ const RECYCLE_IDLE: Duration = Duration::from_secs(1);
 
 /// A session's streams now, the most it had at once, and how many it has had.
 #[derive(Default)]
-struct Load {
+pub(crate) struct Load {
     open: AtomicUsize,
     peak: AtomicUsize,
     started: AtomicUsize,
@@ -94,7 +94,7 @@ struct Load {
 }
 
 /// One stream counted in its session's [`Load`] until dropped.
-struct Counted(Arc<Load>);
+pub(crate) struct Counted(Arc<Load>);
 
 impl Counted {
     fn new(load: &Arc<Load>) -> Self {
@@ -568,8 +568,7 @@ async fn session(
                 let (cfg, stats, budget) = (cfg.clone(), stats.clone(), budget.clone());
                 let counted = Counted::new(&load);
                 tokio::spawn(async move {
-                    let _counted = counted;
-                    serve_stream(&cfg, &stats, req, respond, budget).await
+                    serve_stream(&cfg, &stats, req, respond, budget, counted).await
                 });
             }
         }
@@ -597,6 +596,7 @@ async fn serve_stream(
     req: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
     budget: Arc<tunnel_proto::resume::Budget>,
+    counted: Counted,
 ) {
     if crate::connect::is_health(&req, &cfg.node_id) {
         // Answered here, never dialled, and not counted as a refusal: it is the server asking.
@@ -637,8 +637,10 @@ async fn serve_stream(
         .contains_key(tunnel_proto::resume::RESUME_OF_HEADER)
     {
         // The same node and an allowed port, as checked above: the parked stream takes it.
-        return crate::resume::hand_over(cfg, stats, req, respond, budget).await;
+        // The stream is on this session now: counted in its load (busy keepalive) while here.
+        return crate::resume::hand_over(cfg, stats, req, respond, budget, counted).await;
     }
+    let _counted = counted;
     let mut last_err = None;
     let mut tcp = None;
     for ip in &cfg.dial {

@@ -73,6 +73,9 @@ impl Server {
         p: &mut Progress,
     ) -> Result<Option<(SendStream<Bytes>, RecvStream, Resend)>, &'static str> {
         let open_timeout = self.0.cfg.open_timeout;
+        // Refused by every live session of the node (a restarted agent): final. Refused by
+        // one only: another agent of the node (a second pod) may be the one that has it.
+        let mut refused = None;
         for candidate in self.candidates(node) {
             let req = wire::resume_request(node, port, id, p.received())
                 .expect("a valid node name and port make a valid request");
@@ -86,11 +89,8 @@ impl Server {
                 _ => continue,
             };
             if r.status() != http::StatusCode::OK {
-                let (reason, detail) = wire::refusal_of(&r);
-                self.warn_aggregated("resume_refused", |more| {
-                    tracing::warn!(node = %node, port, stream = %id, reason = reason.map_or("unknown", |r| r.label()), "the agent cannot resume the stream ({detail}): the client's connection is reset{more}")
-                });
-                return Err("stream_gone");
+                refused = Some(wire::refusal_of(&r));
+                continue;
             }
             let theirs = r
                 .headers()
@@ -108,6 +108,12 @@ impl Server {
             self.0.stats.resume.resumed.inc();
             tracing::debug!(node = %node, stream = %id, ?theirs, "stream resumed");
             return Ok(Some((tx, r.into_body(), resend)));
+        }
+        if let Some((reason, detail)) = refused {
+            self.warn_aggregated("resume_refused", |more| {
+                tracing::warn!(node = %node, port, stream = %id, reason = reason.map_or("unknown", |r| r.label()), "the agent cannot resume the stream ({detail}): the client's connection is reset{more}")
+            });
+            return Err("stream_gone");
         }
         Ok(None)
     }
