@@ -148,7 +148,7 @@ pub struct Server(Arc<Inner>);
 
 fn refuse_tcp(tcp: TcpStream) {
     // A reset, not a FIN: the client must not mistake a refusal for an empty answer.
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    relay::abort(&tcp);
     drop(tcp);
 }
 
@@ -900,10 +900,7 @@ impl Server {
         let open = async {
             let mut req = wire::connect_request(&node, port).map_err(|e| e.to_string())?;
             if let Some(id) = flow {
-                req.headers_mut().insert(
-                    RESUME_HEADER,
-                    id.header().parse().expect("hex is a header value"),
-                );
+                req.headers_mut().insert(RESUME_HEADER, id.value());
             }
             open_stream(candidates, req, false).await
         };
@@ -931,8 +928,7 @@ impl Server {
         let answer = async {
             let why = match tokio::time::timeout(self.0.cfg.open_timeout, resp).await {
                 Ok(Ok(r)) if r.status() == http::StatusCode::OK => {
-                    let echo = r.headers().get(RESUME_HEADER).and_then(|v| v.to_str().ok());
-                    if flow.is_some_and(|id| echo == Some(id.header().as_str())) {
+                    if flow.is_some() && FlowId::from_header(r.headers(), RESUME_HEADER) == flow {
                         echoed.store(true, Ordering::Relaxed);
                     }
                     // Counted when the agent accepted it, before any reply reaches the client.

@@ -382,9 +382,7 @@ fn reason(r: &'static str) -> tunnel_proto::keepalive::Reason {
 }
 
 fn failed(m: &tunnel_proto::resume::ResumeMetrics, reason: &'static str) -> u64 {
-    m.failed
-        .get_or_create(&tunnel_proto::resume::FailedLabel { reason })
-        .get()
+    m.failed.get_or_create(&self::reason(reason)).get()
 }
 
 /// A service that reads each connection to its end and reports how it ended: `Ok(bytes)` at

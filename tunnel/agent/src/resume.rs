@@ -15,7 +15,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tunnel_proto::{
     relay::{self, End, Leg, Outcome, Up},
     resume::{
-        Budget, FlowId, ParkedGuard, Progress, RECEIVED_HEADER, RESUME_HEADER, Received, Resend,
+        Budget, FlowId, GaugeHeld, Progress, RECEIVED_HEADER, RESUME_HEADER, Received, Resend,
         Retained, keep_for,
     },
     wire::{Refusal, refusal_response},
@@ -119,14 +119,14 @@ impl Flows {
 
 /// Reads a resume's two headers; `None` if either is missing or malformed.
 pub fn resume_of(req: &http::Request<RecvStream>) -> Option<(FlowId, Received)> {
-    let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok());
-    let id = FlowId::parse(header(tunnel_proto::resume::RESUME_OF_HEADER)?)?;
-    Some((id, Received::parse(header(RECEIVED_HEADER)?)?))
+    let h = req.headers();
+    let id = FlowId::from_header(h, tunnel_proto::resume::RESUME_OF_HEADER)?;
+    Some((id, Received::from_headers(h)?))
 }
 
 /// The ID a new stream asks to be resumable under, if it does.
 pub fn asked(req: &http::Request<RecvStream>) -> Option<FlowId> {
-    FlowId::parse(req.headers().get(RESUME_HEADER)?.to_str().ok()?)
+    FlowId::from_header(req.headers(), RESUME_HEADER)
 }
 
 /// Serves one stream the server asked to keep resumable under `id`: answers 200 echoing the
@@ -153,24 +153,15 @@ pub async fn serve(
     };
     let p = Progress::new(Some(Retained::new(keep_for(cfg.stream_window), budget)));
     let mut ok = relay::ok_response();
-    ok.headers_mut().insert(
-        RESUME_HEADER,
-        id.header().parse().expect("hex is a header value"),
-    );
+    ok.headers_mut().insert(RESUME_HEADER, id.value());
     let up = Up::Answer {
         respond,
         by: answer_within,
         ok,
     };
-    let flow = Flow {
-        id,
-        tcp,
-        p,
-        next,
-        _registered: registered,
-        counted: None,
-    };
-    flow.run(cfg, stats, Some((up, body))).await
+    Flow::new(id, tcp, p, (registered, next))
+        .run(cfg, stats, Some((up, body)))
+        .await
 }
 
 /// Takes over a stream another agent process served (see [`crate::handoff`]): parked at once,
@@ -186,15 +177,9 @@ pub async fn adopt(
         tracing::warn!(stream = %id, "a handed-over stream's ID is in use here: reset");
         return reset(&tcp, &p);
     };
-    let flow = Flow {
-        id,
-        tcp,
-        p,
-        next,
-        _registered: registered,
-        counted: None,
-    };
-    flow.run(cfg, stats, None).await
+    Flow::new(id, tcp, p, (registered, next))
+        .run(cfg, stats, None)
+        .await
 }
 
 /// One resumable connection to a local service, across the streams (legs) it runs on.
@@ -207,7 +192,24 @@ struct Flow<'a> {
     counted: Option<crate::session::Counted>,
 }
 
-impl Flow<'_> {
+impl<'a> Flow<'a> {
+    /// The stream `id`, registered in [`Flows`] as `registration`.
+    fn new(
+        id: FlowId,
+        tcp: TcpStream,
+        p: Progress,
+        (registered, next): (Registered<'a>, Arc<Slot>),
+    ) -> Self {
+        Flow {
+            id,
+            tcp,
+            p,
+            next,
+            _registered: registered,
+            counted: None,
+        }
+    }
+
     /// Runs `first` (none: the stream starts parked), then every resumed leg, until done.
     async fn run(
         mut self,
@@ -288,7 +290,7 @@ async fn park(
     Resend,
     crate::session::Counted,
 )> {
-    let _parked = ParkedGuard::new(&stats.resume);
+    let _parked = GaugeHeld::new(&stats.resume.parked);
     let deadline = Instant::now() + cfg.resume.window;
     tracing::debug!(stream = %id, "session lost; stream parked");
     loop {
@@ -318,13 +320,8 @@ async fn park(
         };
         p.sending.rebind(budget);
         let mut ok = relay::ok_response();
-        ok.headers_mut().insert(
-            RECEIVED_HEADER,
-            p.received()
-                .header()
-                .parse()
-                .expect("digits are a header value"),
-        );
+        ok.headers_mut()
+            .insert(RECEIVED_HEADER, p.received().value());
         match respond.send_response(ok, false) {
             Ok(tx) => {
                 stats.resume.resumed.inc();

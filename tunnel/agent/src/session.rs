@@ -448,15 +448,14 @@ async fn session(
         }
     };
     stats.sessions_established.inc();
-    stats.sessions.inc();
     // Counted down however the session ends.
-    struct Down<'a>(&'a AgentMetrics);
-    impl Drop for Down<'_> {
-        fn drop(&mut self) {
-            self.0.sessions.dec();
-        }
-    }
-    let _down = Down(stats);
+    let _up = tunnel_proto::resume::GaugeHeld::new(&stats.sessions);
+    // Closes the session with a reset: the server's next packet on it meets no socket and
+    // learns at once that the session is gone.
+    // SAFETY: `fd` is the connection's socket, open until this function returns (and drops
+    // `conn`); this is called only before returning.
+    let reset_on_close =
+        || relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
     tracing::info!(server = %server, node = %cfg.node_id, "session up");
     up.store(true, Ordering::Relaxed);
     let pings = conn.ping_pong().expect("ping_pong is taken once, here");
@@ -510,8 +509,7 @@ async fn session(
                 if cfg.handoff.successor().is_some() {
                     // A newer agent takes the streams: the session closes at once (a reset, so
                     // the server sees it lost and resumes each stream there); nothing drains.
-                    // SAFETY: the connection (and its socket) is alive until this returns.
-                    relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                    reset_on_close();
                     tracing::info!(server = %server, "session closed; its streams go to the newer agent");
                     return Ok(None);
                 }
@@ -538,8 +536,7 @@ async fn session(
                 continue;
             }
             d = async { replacement.as_mut().expect("guarded").await }, if replacement.is_some() => {
-                // SAFETY: the connection (and its socket) is alive until this returns.
-                relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                reset_on_close();
                 tracing::info!(server = %server, "session stalled and a new one came up beside it: its streams resume there");
                 return Ok(Some(d));
             }
@@ -548,10 +545,8 @@ async fn session(
                 return Ok(None);
             }
             why = &mut ka => {
-                // Closed with a reset: when the link returns, the server's next packet on it
-                // meets no socket and learns the session is gone at once.
-                // SAFETY: the connection (and its socket) is alive until this returns.
-                relay::set_abortive_close(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                // When the link returns, the server learns of it at once.
+                reset_on_close();
                 return Err(Error::Refused(format!("session with {server} is dead: {why}")));
             }
             Some((rtt, w)) = windows.resized() => {

@@ -24,10 +24,11 @@ use std::{
 
 use bytes::Bytes;
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+use crate::keepalive::Reason;
 
 /// On the server's stream open: the stream's resume ID (hex), asking the agent to keep the
 /// stream resumable; echoed on the agent's 200 when it does.
@@ -64,12 +65,6 @@ impl ResumeConfig {
     }
 }
 
-/// Why a parked stream was reset instead of resumed.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailedLabel {
-    pub reason: &'static str,
-}
-
 /// Both ends' resumption metrics, each registered under its end's prefix.
 #[derive(Clone, Default, Debug)]
 pub struct ResumeMetrics {
@@ -80,14 +75,14 @@ pub struct ResumeMetrics {
     /// Parked streams reset instead: `window_expired`, `stream_gone` (the other end no longer
     /// has it), `offset` (the other end asked for bytes no longer kept), `unresumable` (the
     /// stream was never resumable: the peer predates resumption, or the budget was spent).
-    pub failed: Family<FailedLabel, Counter>,
+    pub failed: Family<Reason, Counter>,
     /// Bytes kept for resumption, all sessions.
     pub held_bytes: Gauge,
 }
 
 impl ResumeMetrics {
     pub fn fail(&self, reason: &'static str) {
-        self.failed.get_or_create(&FailedLabel { reason }).inc();
+        self.failed.get_or_create(&Reason { reason }).inc();
     }
 
     /// Every reason a parked stream may fail for (each at 0 in the first scrape).
@@ -96,7 +91,7 @@ impl ResumeMetrics {
 
     pub fn register(&self, prefix: &str, r: &mut Registry) {
         for reason in Self::REASONS {
-            let _ = self.failed.get_or_create(&FailedLabel { reason });
+            let _ = self.failed.get_or_create(&Reason { reason });
         }
         r.register(
             format!("{prefix}_streams_parked"),
@@ -121,17 +116,17 @@ impl ResumeMetrics {
     }
 }
 
-/// One parked stream, counted in [`ResumeMetrics::parked`] until dropped.
-pub struct ParkedGuard(Gauge);
+/// One of what `gauge` counts (a parked stream, a live session), until dropped.
+pub struct GaugeHeld(Gauge);
 
-impl ParkedGuard {
-    pub fn new(m: &ResumeMetrics) -> Self {
-        m.parked.inc();
-        ParkedGuard(m.parked.clone())
+impl GaugeHeld {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeHeld(gauge.clone())
     }
 }
 
-impl Drop for ParkedGuard {
+impl Drop for GaugeHeld {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -156,6 +151,15 @@ impl FlowId {
             .flatten()
             .map(FlowId)
     }
+
+    pub fn value(self) -> http::HeaderValue {
+        self.header().parse().expect("hex is a header value")
+    }
+
+    /// The ID in header `name` of `h`, if there is a valid one.
+    pub fn from_header(h: &http::HeaderMap, name: &str) -> Option<FlowId> {
+        FlowId::parse(h.get(name)?.to_str().ok()?)
+    }
 }
 
 impl std::fmt::Display for FlowId {
@@ -178,6 +182,15 @@ impl Received {
         } else {
             self.bytes.to_string()
         }
+    }
+
+    pub fn value(self) -> http::HeaderValue {
+        self.header().parse().expect("digits are a header value")
+    }
+
+    /// The figure in [`RECEIVED_HEADER`] of `h`, if there is a valid one.
+    pub fn from_headers(h: &http::HeaderMap) -> Option<Received> {
+        Received::parse(h.get(RECEIVED_HEADER)?.to_str().ok()?)
     }
 
     pub fn parse(s: &str) -> Option<Received> {

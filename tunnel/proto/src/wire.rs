@@ -133,13 +133,11 @@ pub fn resume_request(
     of: crate::resume::FlowId,
     received: crate::resume::Received,
 ) -> http::Result<http::Request<()>> {
-    http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("127.0.0.1:{port}"))
-        .header(NODE_HEADER, node)
-        .header(crate::resume::RESUME_OF_HEADER, of.header())
-        .header(crate::resume::RECEIVED_HEADER, received.header())
-        .body(())
+    let mut req = connect_request(node, port)?;
+    let h = req.headers_mut();
+    h.insert(crate::resume::RESUME_OF_HEADER, of.value());
+    h.insert(crate::resume::RECEIVED_HEADER, received.value());
+    Ok(req)
 }
 
 /// Marks the server's health stream (the node self-check, and `redirector explain`): the agent

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::time::Instant;
-use tunnel_proto::resume::{FlowId, ParkedGuard, Progress, RECEIVED_HEADER, Received, Resend};
+use tunnel_proto::resume::{FlowId, GaugeHeld, Progress, Received, Resend};
 
 use super::{Server, open_stream};
 use crate::wire;
@@ -29,7 +29,7 @@ impl Server {
         p: &mut Progress,
     ) -> Option<(SendStream<Bytes>, RecvStream, Resend)> {
         let m = &self.0.stats.resume;
-        let _parked = ParkedGuard::new(m);
+        let _parked = GaugeHeld::new(&m.parked);
         let window = self.0.cfg.resume.window;
         let deadline = Instant::now() + window;
         let wake = self.resume_wake(node);
@@ -92,11 +92,7 @@ impl Server {
                 refused = Some(wire::refusal_of(&r));
                 continue;
             }
-            let theirs = r
-                .headers()
-                .get(RECEIVED_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(Received::parse);
+            let theirs = Received::from_headers(r.headers());
             let Some(resend) = theirs.and_then(|t| p.resend(t)) else {
                 tx.send_reset(Reason::CANCEL);
                 self.warn_aggregated("resume_offset", |more| {
